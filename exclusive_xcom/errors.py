@@ -1,0 +1,63 @@
+"""The single exception hierarchy of exclusive_xcom.
+
+Every error that crosses the library's boundary is an :class:`ExclusiveXComError`, so a
+DAG author can catch one class; driver and serializer errors are translated at the
+boundary where they happen and chained (``raise ... from``), never leaked raw.
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """Who is involved in an error: the producer's output and the consumer that touched it."""
+
+    dag_id: str
+    run_id: str
+    producer: str
+    key: str
+    consumer: str = "-"
+
+    def describe(self) -> str:
+        return (
+            f"dag={self.dag_id!r} run={self.run_id!r} producer={self.producer!r} "
+            f"key={self.key!r} consumer={self.consumer!r}"
+        )
+
+
+class ExclusiveXComError(Exception):
+    """An exclusive_xcom operation failed."""
+
+    def __init__(self, message: str | None = None, ref: ItemRef | None = None) -> None:
+        text = message or (self.__doc__ or "").strip()
+        if ref is not None:
+            text = f"{text} [{ref.describe()}]"
+        super().__init__(text)
+        self.ref = ref
+
+
+class NotAuthorizedError(ExclusiveXComError):
+    """This task is not a named consumer of that exclusive output; add it to consumers=."""
+
+
+class AlreadyConsumedError(ExclusiveXComError):
+    """The item was already consumed; exclusive outputs are read exactly once."""
+
+
+class ClaimConflictError(ExclusiveXComError):
+    """Another live claim holds the item; wait for its lease to expire or release it."""
+
+
+class LedgerUnavailableError(ExclusiveXComError):
+    """The claim ledger database cannot be reached; nothing was claimed or consumed."""
+
+
+class PayloadError(ExclusiveXComError):
+    """The payload cannot be serialized, is too large, is corrupted or its handle is not authentic."""
+
+
+class ConfigurationError(ExclusiveXComError):
+    """The [exclusive_xcom] configuration or the decorator arguments are invalid."""

@@ -1,0 +1,32 @@
+"""The claim ledger: tables, statements and transactions. Imports no Airflow."""
+
+from exclusive_xcom.ledger.engine import create_engine, get_engine
+from exclusive_xcom.ledger.ledger import (
+    EACH,
+    ITEMS,
+    MODES,
+    ONE,
+    Claimant,
+    ClaimRequest,
+    ClaimResult,
+    Ledger,
+    Output,
+    Production,
+    consumer_slot,
+)
+
+__all__ = [
+    "EACH",
+    "ITEMS",
+    "MODES",
+    "ONE",
+    "ClaimRequest",
+    "ClaimResult",
+    "Claimant",
+    "Ledger",
+    "Output",
+    "Production",
+    "consumer_slot",
+    "create_engine",
+    "get_engine",
+]

@@ -1,0 +1,68 @@
+"""Engines for the ledger: one pool per process and URL, with SQLite made safe to race.
+
+SQLite has no row locks, so every ledger transaction there starts with
+``BEGIN IMMEDIATE``: it takes the database's write lock up front, and two claimers are
+serialized instead of both reading "ready" and both claiming. WAL mode lets readers
+(the CLI, the demo) run beside a writer; ``busy_timeout`` makes writers queue, not fail.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+_engines: dict[str, sa.Engine] = {}
+_lock = threading.Lock()
+
+
+def get_engine(url: str) -> sa.Engine:
+    """The process-wide engine for ``url``, created on first use."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = create_engine(url)
+        return engine
+
+
+def create_engine(url: str) -> sa.Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        # REPEATABLE READ would add gap locks that make concurrent claims deadlock.
+        options["isolation_level"] = "READ COMMITTED"
+    return sa.create_engine(url, connect_args={"connect_timeout": 10}, **options)
+
+
+def _sqlite_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (see "begin" below).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _forget_after_fork() -> None:
+    # A forked child (LocalExecutor, the task supervisor) must not share the parent's sockets.
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,481 @@
+"""The claim ledger: produce, claim, consume, release as transactions with one owner each.
+
+This module knows nothing of Airflow: it is handed an engine, identities and bytes, so it
+can be tested, benchmarked and reused alone. Rules it enforces (SPEC, "Semantics"):
+
+* a claim belongs to a task-instance identity (dag_id, run_id, task_id, map_index) and is
+  fenced by ``try_number``: a retry takes its own claim back, an older try is refused;
+* a claim is a lease: once expired, another claimant may take the item over;
+* an item is consumed only by :meth:`Ledger.finish`, which succeeds only while the very
+  same try still holds the claim, so a zombie's late finish changes nothing;
+* a re-run producer replaces what its earlier tries left unconsumed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from hashlib import sha256
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from exclusive_xcom.errors import (
+    AlreadyConsumedError,
+    ClaimConflictError,
+    ItemRef,
+    LedgerUnavailableError,
+    NotAuthorizedError,
+    PayloadError,
+)
+from exclusive_xcom.ledger import queries as q
+from exclusive_xcom.ledger.schema import (
+    CLAIMED,
+    CONSUMED,
+    MIGRATIONS,
+    READY,
+    SCHEMA_VERSION,
+    SHARED_SLOT,
+    meta,
+)
+
+EACH, ONE, ITEMS = "each", "one", "items"
+MODES = (EACH, ONE, ITEMS)
+INSERT_CHUNK = 1000
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Output:
+    """A producer's output: what a handle points at."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+    key: str = "return_value"
+
+    @property
+    def output_id(self) -> str:
+        raw = json.dumps([self.dag_id, self.run_id, self.task_id, self.map_index, self.key])
+        return sha256(raw.encode()).hexdigest()
+
+    @property
+    def producer(self) -> str:
+        return self.task_id if self.map_index < 0 else f"{self.task_id}[{self.map_index}]"
+
+    def ref(self, consumer: str = "-") -> ItemRef:
+        return ItemRef(self.dag_id, self.run_id, self.producer, self.key, consumer)
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """A task instance and its try: who claims, and the fence its writes go through."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+    try_number: int = 1
+
+    @property
+    def identity(self) -> tuple[str, str, str, int]:
+        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+
+    @property
+    def slot(self) -> str:
+        return consumer_slot(self.dag_id, self.task_id)
+
+    def __str__(self) -> str:
+        index = "" if self.map_index < 0 else f"[{self.map_index}]"
+        return f"{self.dag_id}/{self.run_id}/{self.task_id}{index} try {self.try_number}"
+
+
+def consumer_slot(dag_id: str, task_id: str) -> str:
+    """The name of a consumer in the ledger; ``/`` cannot occur in Airflow ids."""
+    return f"{dag_id}/{task_id}"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One input of a consumer: which output (and which generation of it) to claim, how."""
+
+    output: Output
+    generation: int
+    mode: str
+    consumers: tuple[str, ...]
+    limit: int = 100
+
+
+@dataclass
+class Claimed:
+    """What one request got: item ids and their stored payloads, in sequence order."""
+
+    request: ClaimRequest
+    ids: list[int] = field(default_factory=list)
+    payloads: list[bytes | None] = field(default_factory=list)
+    uris: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class ClaimResult:
+    """All requests' claims, or, if a ``one``-mode input went to another task, why it lost."""
+
+    claims: list[Claimed]
+    lost: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for c in self.claims for i in c.ids]
+
+
+@dataclass(frozen=True)
+class Production:
+    """An output to write: one payload (modes each/one) or one per element (mode items)."""
+
+    output: Output
+    generation: int
+    mode: str
+    consumers: tuple[str, ...]
+    payloads: Iterable[bytes]
+
+
+class Ledger:
+    """Transactions over the claim ledger tables, on an engine the caller owns."""
+
+    def __init__(
+        self, engine: sa.Engine, *, lease_seconds: float = 300.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema to :data:`SCHEMA_VERSION`; safe to race."""
+        return self._run(self._migrate)
+
+    def schema_version(self) -> int:
+        return self._run(_read_version)
+
+    def _migrate(self, conn: sa.Connection) -> int:
+        with _migration_lock(conn):
+            current = _read_version(conn)
+            for step in MIGRATIONS[current:]:
+                step(conn)
+            if current < SCHEMA_VERSION:
+                _write_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            if conn.execute(q.get_meta("signing_secret")).scalar() is None:
+                conn.execute(q.insert_meta("signing_secret", secrets.token_hex(32)))
+            return SCHEMA_VERSION
+
+    def secret(self) -> bytes:
+        """This ledger's own signing key, made once; used when no secret is configured."""
+        return self._run(_secret)
+
+    # -- produce ----------------------------------------------------------------------------
+
+    def produce(self, production: Production) -> int:
+        """Write an output, replacing unconsumed items of earlier tries; returns item count."""
+        return self._run(lambda conn: _produce(conn, production, self._now()), production.output.ref())
+
+    def finish(self, claimant: Claimant, ids: Sequence[int], productions: Sequence[Production] = ()) -> None:
+        """Consume what ``claimant`` holds and write its outputs, all in one transaction.
+
+        Raises :class:`ClaimConflictError` and changes nothing if any of ``ids`` is no
+        longer held by this exact try (its lease was taken over, or a newer try fenced it).
+        """
+
+        def tx(conn: sa.Connection) -> None:
+            now = self._now()
+            if ids:
+                done = conn.execute(q.mark_consumed(ids, claimant.identity, claimant.try_number, now))
+                if done.rowcount != len(ids):
+                    raise ClaimConflictError(
+                        f"{claimant} no longer holds {len(ids) - done.rowcount} of its {len(ids)} claimed "
+                        "item(s): a newer try fenced it or its lease expired and another task took over; "
+                        "nothing was consumed"
+                    )
+            for production in productions:
+                _produce(conn, production, now)
+
+        self._run(tx)
+
+    # -- claim ------------------------------------------------------------------------------
+
+    def claim(self, claimant: Claimant, requests: Sequence[ClaimRequest]) -> ClaimResult:
+        """Claim every request in one transaction: all of them, or none.
+
+        A ``one``-mode input already taken by another consumer is not an error: the result
+        lists it in ``lost`` and nothing is claimed, so the caller can skip the task.
+        """
+        for request in requests:
+            _authorize(claimant, request, request.consumers)
+
+        def tx(conn: sa.Connection) -> ClaimResult:
+            now = self._now()
+            result = ClaimResult(claims=[])
+            for request in requests:
+                claimed, lost = _claim_one(conn, claimant, request, now)
+                result.claims.append(claimed)
+                result.lost.extend(lost)
+            if result.lost or not result.ids:
+                return result
+            lease = now + timedelta(seconds=self.lease_seconds)
+            conn.execute(q.mark_claimed(result.ids, claimant.identity, claimant.try_number, now, lease))
+            return result
+
+        result = self._run(tx, requests[0].output.ref(claimant.slot) if requests else None)
+        if result.lost:
+            result.claims = []
+        return result
+
+    def extend_lease(self, claimant: Claimant, ids: Sequence[int]) -> bool:
+        """Keep a long-running task's claims alive; False if any was lost meanwhile."""
+        lease = self._now() + timedelta(seconds=self.lease_seconds)
+        stmt = q.extend_lease(ids, claimant.identity, claimant.try_number, lease)
+        return self._run(lambda conn: conn.execute(stmt).rowcount) == len(ids)
+
+    def release(self, claimant: Claimant, ids: Sequence[int]) -> int:
+        """Give claims back to the pool (the task failed for good); fenced like finish."""
+        stmt = q.release(ids, claimant.identity, claimant.try_number)
+        return self._run(lambda conn: conn.execute(stmt).rowcount)
+
+    def release_any(self, ids: Sequence[int]) -> int:
+        """Free stuck claims whoever holds them (an operator's decision, CLI ``release``)."""
+        return self._run(lambda conn: conn.execute(q.release_any(ids)).rowcount)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def items(self, **filters: Any) -> list[dict[str, Any]]:
+        """Rows without payloads, newest first, for people and scripts."""
+        return self._run(lambda conn: [dict(r._mapping) for r in conn.execute(q.select_items(**filters))])
+
+    def counts(self) -> dict[str, int]:
+        return self._run(lambda conn: {s: n for s, n in conn.execute(q.count_by_state())})
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), tz=timezone.utc).replace(tzinfo=None)
+
+    def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None) -> _T:
+        """Run ``tx`` in one transaction; retry deadlocks, translate driver errors."""
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    return tx(conn)
+            except sa.exc.DBAPIError as exc:
+                if _is_deadlock(exc) and attempt < 2:
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                if isinstance(exc, sa.exc.IntegrityError | sa.exc.ProgrammingError | sa.exc.DataError):
+                    raise
+                raise LedgerUnavailableError(
+                    f"the claim ledger at {_safe_url(self.engine)} failed: {_first_line(exc.orig)}; "
+                    "nothing was claimed, consumed or written",
+                    ref,
+                ) from exc
+            except sa.exc.TimeoutError as exc:
+                raise LedgerUnavailableError(
+                    f"no connection to the claim ledger at {_safe_url(self.engine)} within the pool timeout",
+                    ref,
+                ) from exc
+        raise AssertionError("unreachable")
+
+
+# -- transaction bodies ---------------------------------------------------------------------
+
+
+def _authorize(claimant: Claimant, request: ClaimRequest, consumers: Iterable[str]) -> None:
+    if claimant.slot not in consumers:
+        allowed = ", ".join(sorted(consumers)) or "nobody"
+        raise NotAuthorizedError(
+            f"task {claimant.task_id!r} of dag {claimant.dag_id!r} is not a named consumer of this "
+            f"output (allowed: {allowed}); add it to consumers= of {request.output.task_id!r}",
+            request.output.ref(claimant.slot),
+        )
+
+
+def _claim_one(
+    conn: sa.Connection, claimant: Claimant, request: ClaimRequest, now: datetime
+) -> tuple[Claimed, list[str]]:
+    if request.mode == ITEMS:
+        return _claim_batch(conn, claimant, request, now), []
+    slot = claimant.slot if request.mode == EACH else SHARED_SLOT
+    out = request.output
+    row = conn.execute(q.lock_slot(out.output_id, request.generation, slot)).first()
+    claimed = Claimed(request)
+    if row is None:
+        busy = conn.execute(q.peek_slot(out.output_id, request.generation, slot)).first()
+        if busy is None:
+            raise PayloadError(
+                "no ledger item matches this handle: it was purged, or replaced by a newer run of the "
+                "producer; re-run the producer to make a new one",
+                out.ref(claimant.slot),
+            )
+        return _busy(claimant, request, "another task is claiming it right now")
+    _authorize(claimant, request, json.loads(row.consumers))
+    if row.state == CONSUMED:
+        if request.mode == ONE and _owner_of(row) != claimant.identity:
+            return claimed, [f"{out.producer!r} went to {_describe_owner(row)} (consumed {row.consumed_at})"]
+        raise AlreadyConsumedError(
+            f"already consumed by {_describe_owner(row)} at {row.consumed_at}; exclusive outputs are read "
+            "once: re-run the producer to make a new one",
+            out.ref(claimant.slot),
+        )
+    if row.state == CLAIMED and not _claimable(row, claimant, request, now):
+        return _busy(claimant, request, f"held by {_describe_owner(row)} until {row.lease_expires_at}")
+    claimed.ids.append(row.id)
+    claimed.payloads.append(row.payload)
+    claimed.uris.append(row.payload_uri)
+    return claimed, []
+
+
+def _busy(claimant: Claimant, request: ClaimRequest, why: str) -> tuple[Claimed, list[str]]:
+    if request.mode == ONE:
+        return Claimed(request), [f"{request.output.producer!r} went to another consumer: {why}"]
+    raise ClaimConflictError(
+        f"another live claim holds the item ({why}); it is freed when that task finishes or its lease expires",
+        request.output.ref(claimant.slot),
+    )
+
+
+def _claimable(row: Any, claimant: Claimant, request: ClaimRequest, now: datetime) -> bool:
+    """Whether a claimed row may be taken: our own earlier try's, or an expired lease."""
+    if _owner_of(row) == claimant.identity:
+        if row.owner_try > claimant.try_number:
+            raise ClaimConflictError(
+                f"{claimant} is fenced out: try {row.owner_try} of the same task instance holds the claim",
+                request.output.ref(claimant.slot),
+            )
+        return True
+    return row.lease_expires_at is not None and row.lease_expires_at < now
+
+
+def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest, now: datetime) -> Claimed:
+    out = request.output
+    rows = conn.execute(
+        q.lock_batch(out.output_id, request.generation, claimant.identity, now, request.limit)
+    ).all()
+    claimed = Claimed(request)
+    for row in rows:
+        _authorize(claimant, request, json.loads(row.consumers))
+        if row.state == CLAIMED and not _claimable(row, claimant, request, now):
+            continue
+        claimed.ids.append(row.id)
+        claimed.payloads.append(row.payload)
+        claimed.uris.append(row.payload_uri)
+    return claimed
+
+
+def _produce(conn: sa.Connection, production: Production, now: datetime) -> int:
+    out = production.output
+    conn.execute(q.replace_unconsumed(out.output_id))
+    base = {
+        "output_id": out.output_id,
+        "dag_id": out.dag_id,
+        "run_id": out.run_id,
+        "task_id": out.task_id,
+        "map_index": out.map_index,
+        "key": out.key,
+        "generation": production.generation,
+        "mode": production.mode,
+        "consumers": json.dumps(sorted(production.consumers)),
+        "state": READY,
+        "created_at": now,
+    }
+    count = 0
+    for chunk in _chunks(_rows(production, base), INSERT_CHUNK):
+        conn.execute(q.insert_items(), chunk)
+        count += len(chunk)
+    return count
+
+
+def _rows(production: Production, base: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if production.mode == ITEMS:
+        for seq, payload in enumerate(production.payloads):
+            yield {**base, "slot": SHARED_SLOT, "seq": seq, "payload": payload, "payload_size": len(payload)}
+        return
+    (payload,) = production.payloads
+    slots = sorted(production.consumers) if production.mode == EACH else [SHARED_SLOT]
+    for slot in slots:
+        yield {**base, "slot": slot, "seq": 0, "payload": payload, "payload_size": len(payload)}
+
+
+def _chunks(rows: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    chunk: list[_T] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _owner_of(row: Any) -> tuple[str, str, str, int]:
+    return (row.owner_dag_id, row.owner_run_id, row.owner_task_id, row.owner_map_index)
+
+
+def _describe_owner(row: Any) -> str:
+    index = "" if row.owner_map_index is None or row.owner_map_index < 0 else f"[{row.owner_map_index}]"
+    return f"{row.owner_dag_id}/{row.owner_run_id}/{row.owner_task_id}{index} try {row.owner_try}"
+
+
+# -- schema helpers -------------------------------------------------------------------------
+
+
+@contextmanager
+def _migration_lock(conn: sa.Connection) -> Iterator[None]:
+    """Serialize concurrent migrators (many tasks may start on a fresh database at once)."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7318004211)"))
+        yield
+    elif name in ("mysql", "mariadb"):
+        conn.execute(sa.text("SELECT GET_LOCK('exclusive_xcom_migrate', 60)"))
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT RELEASE_LOCK('exclusive_xcom_migrate')"))
+    else:  # SQLite: the transaction began with BEGIN IMMEDIATE and holds the write lock.
+        yield
+
+
+def _read_version(conn: sa.Connection) -> int:
+    if not sa.inspect(conn).has_table(meta.name):
+        return 0
+    value = conn.execute(q.get_meta("schema_version")).scalar()
+    return int(value) if value is not None else 0
+
+
+def _write_meta(conn: sa.Connection, name: str, value: str) -> None:
+    if conn.execute(q.update_meta(name, value)).rowcount == 0:
+        conn.execute(q.insert_meta(name, value))
+
+
+def _secret(conn: sa.Connection) -> bytes:
+    value = conn.execute(q.get_meta("signing_secret")).scalar()
+    if value is None:
+        raise LedgerUnavailableError("the claim ledger has no schema yet: run `exclusive-xcom db migrate`")
+    return bytes.fromhex(value)
+
+
+def _is_deadlock(exc: sa.exc.DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    return "deadlock" in text or "could not serialize" in text or "database is locked" in text
+
+
+def _safe_url(engine: sa.Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,201 @@
+"""Every statement the ledger sends, by name, in one place.
+
+Statements are SQLAlchemy Core so one definition renders correctly on PostgreSQL,
+MySQL/MariaDB and SQLite. Row locks: ``FOR UPDATE SKIP LOCKED`` on the servers (a row
+another transaction is claiming is passed over, never waited for); SQLite has no row
+locks and drops the clause, its writers are serialized by ``BEGIN IMMEDIATE`` instead
+(see :mod:`exclusive_xcom.ledger.engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT, item, meta
+
+_CLAIM_COLUMNS = (
+    item.c.id,
+    item.c.seq,
+    item.c.state,
+    item.c.slot,
+    item.c.consumers,
+    item.c.owner_dag_id,
+    item.c.owner_run_id,
+    item.c.owner_task_id,
+    item.c.owner_map_index,
+    item.c.owner_try,
+    item.c.lease_expires_at,
+    item.c.consumed_at,
+    item.c.payload,
+    item.c.payload_uri,
+)
+
+
+def _owner_is(dag_id: str, run_id: str, task_id: str, map_index: int) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        item.c.owner_dag_id == dag_id,
+        item.c.owner_run_id == run_id,
+        item.c.owner_task_id == task_id,
+        item.c.owner_map_index == map_index,
+    )
+
+
+def lock_slot(output_id: str, generation: int, slot: str) -> sa.Select:
+    """Lock the one row of a slot (modes each/one); a row being claimed elsewhere is skipped."""
+    return (
+        sa.select(*_CLAIM_COLUMNS)
+        .where(item.c.output_id == output_id, item.c.generation == generation, item.c.slot == slot)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def peek_slot(output_id: str, generation: int, slot: str) -> sa.Select:
+    """Read a slot without locking, to explain why :func:`lock_slot` returned nothing."""
+    return sa.select(*_CLAIM_COLUMNS).where(
+        item.c.output_id == output_id, item.c.generation == generation, item.c.slot == slot
+    )
+
+
+def lock_batch(
+    output_id: str, generation: int, owner: tuple[str, str, str, int], now: datetime, limit: int
+) -> sa.Select:
+    """Lock up to ``limit`` claimable items of a shared pool (mode items), lowest seq first.
+
+    Claimable: ready, or claimed under an expired lease, or claimed by this same task
+    instance (its retry takes its own claims back; the caller fences older tries).
+    Expired leases are reclaimed here, inside the claim, so no sweeper is needed.
+    """
+    claimable = sa.or_(
+        item.c.state == READY,
+        sa.and_(item.c.state == CLAIMED, sa.or_(item.c.lease_expires_at < now, _owner_is(*owner))),
+    )
+    return (
+        sa.select(*_CLAIM_COLUMNS)
+        .where(
+            item.c.output_id == output_id,
+            item.c.generation == generation,
+            item.c.slot == SHARED_SLOT,
+            item.c.state != CONSUMED,
+            claimable,
+        )
+        .order_by(item.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def mark_claimed(
+    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime, lease: datetime
+) -> sa.Update:
+    dag_id, run_id, task_id, map_index = owner
+    return (
+        sa.update(item)
+        .where(item.c.id.in_(ids))
+        .values(
+            state=CLAIMED,
+            owner_dag_id=dag_id,
+            owner_run_id=run_id,
+            owner_task_id=task_id,
+            owner_map_index=map_index,
+            owner_try=try_number,
+            claimed_at=now,
+            lease_expires_at=lease,
+        )
+    )
+
+
+def _held_by(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> sa.ColumnElement[bool]:
+    """Rows still claimed by exactly this try: the fence every finishing write goes through."""
+    return sa.and_(
+        item.c.id.in_(ids),
+        item.c.state == CLAIMED,
+        _owner_is(*owner),
+        item.c.owner_try == try_number,
+    )
+
+
+def mark_consumed(
+    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime
+) -> sa.Update:
+    return (
+        sa.update(item)
+        .where(_held_by(ids, owner, try_number))
+        .values(state=CONSUMED, consumed_at=now, lease_expires_at=None, payload=None)
+    )
+
+
+def extend_lease(
+    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime
+) -> sa.Update:
+    return sa.update(item).where(_held_by(ids, owner, try_number)).values(lease_expires_at=lease)
+
+
+def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> sa.Update:
+    return sa.update(item).where(_held_by(ids, owner, try_number)).values(**_UNCLAIMED)
+
+
+def release_any(ids: Sequence[int]) -> sa.Update:
+    """Operator's override (CLI ``release``): free a stuck claim whoever holds it."""
+    return sa.update(item).where(item.c.id.in_(ids), item.c.state == CLAIMED).values(**_UNCLAIMED)
+
+
+_UNCLAIMED = {
+    "state": READY,
+    "owner_dag_id": None,
+    "owner_run_id": None,
+    "owner_task_id": None,
+    "owner_map_index": None,
+    "owner_try": None,
+    "claimed_at": None,
+    "lease_expires_at": None,
+}
+
+
+def replace_unconsumed(output_id: str) -> sa.Delete:
+    """A re-run producer replaces what its earlier tries left unconsumed (no duplicates)."""
+    return sa.delete(item).where(item.c.output_id == output_id, item.c.state != CONSUMED)
+
+
+def insert_items() -> sa.Insert:
+    return sa.insert(item)
+
+
+def select_items(
+    *,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    task_id: str | None = None,
+    state: str | None = None,
+    limit: int | None = None,
+) -> sa.Select:
+    """Rows for people and scripts (CLI ``ls``, the demo), newest first, without payloads."""
+    cols = [c for c in item.c if c.name != "payload"]
+    stmt = sa.select(*cols).order_by(item.c.id.desc())
+    for column, value in (
+        (item.c.dag_id, dag_id),
+        (item.c.run_id, run_id),
+        (item.c.task_id, task_id),
+        (item.c.state, state),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    return stmt.limit(limit) if limit else stmt
+
+
+def count_by_state() -> sa.Select:
+    return sa.select(item.c.state, sa.func.count()).group_by(item.c.state)
+
+
+def get_meta(name: str) -> sa.Select:
+    return sa.select(meta.c.value).where(meta.c.name == name)
+
+
+def insert_meta(name: str, value: str) -> sa.Insert:
+    return sa.insert(meta).values(name=name, value=value)
+
+
+def update_meta(name: str, value: str) -> sa.Update:
+    return sa.update(meta).where(meta.c.name == name).values(value=value)

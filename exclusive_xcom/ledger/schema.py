@@ -1,0 +1,96 @@
+"""Tables of the claim ledger (SQLAlchemy Core) and their versioned migrations.
+
+One row of ``exclusive_xcom_item`` is one readable unit: a producer's output for one
+consumer slot (mode ``each``: a slot per named consumer; modes ``one`` and ``items``: the
+shared slot ``*``) and one sequence number (``items`` mode: one row per element).
+The schema is versioned in ``exclusive_xcom_meta``; :data:`MIGRATIONS` lists every
+step from version 1, so an old ledger is upgraded in place, never rebuilt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+SHARED_SLOT = "*"
+
+READY = "ready"
+CLAIMED = "claimed"
+CONSUMED = "consumed"
+STATES = (READY, CLAIMED, CONSUMED)
+
+metadata = sa.MetaData()
+
+_Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+_Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+meta = sa.Table(
+    "exclusive_xcom_meta",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(512), nullable=False),
+)
+
+item = sa.Table(
+    "exclusive_xcom_item",
+    metadata,
+    sa.Column("id", _Id, primary_key=True, autoincrement=True),
+    # The producer's output: what a handle points at.
+    sa.Column("output_id", sa.String(64), nullable=False),
+    sa.Column("dag_id", sa.String(250), nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("task_id", sa.String(250), nullable=False),
+    sa.Column("map_index", sa.Integer(), nullable=False),
+    sa.Column("key", sa.String(250), nullable=False),
+    sa.Column("generation", sa.Integer(), nullable=False),
+    sa.Column("mode", sa.String(8), nullable=False),
+    sa.Column("consumers", sa.Text(), nullable=False),
+    sa.Column("slot", sa.String(512), nullable=False),
+    sa.Column("seq", sa.Integer(), nullable=False),
+    # The payload: inline bytes or, once offloaded, a URI.
+    sa.Column("payload", _Blob, nullable=True),
+    sa.Column("payload_uri", sa.String(1024), nullable=True),
+    sa.Column("payload_size", sa.BigInteger(), nullable=False),
+    # The claim: state, owning task instance and try (the fence), lease.
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("owner_dag_id", sa.String(250), nullable=True),
+    sa.Column("owner_run_id", sa.String(250), nullable=True),
+    sa.Column("owner_task_id", sa.String(250), nullable=True),
+    sa.Column("owner_map_index", sa.Integer(), nullable=True),
+    sa.Column("owner_try", sa.Integer(), nullable=True),
+    sa.Column("lease_expires_at", _Time, nullable=True),
+    sa.Column("created_at", _Time, nullable=False),
+    sa.Column("claimed_at", _Time, nullable=True),
+    sa.Column("consumed_at", _Time, nullable=True),
+    sa.UniqueConstraint("output_id", "generation", "slot", "seq", name="uq_exclusive_xcom_item"),
+    sa.Index("ix_exclusive_xcom_item_run", "dag_id", "run_id", "task_id"),
+    sa.Index("ix_exclusive_xcom_item_state", "state", "created_at"),
+)
+
+# Added in version 2: the claim path reads only rows that can still be claimed. Where the
+# database has partial indexes, consumed rows stay out of it, so claims do not slow down
+# as history piles up at the front of the index.
+claimable_index = sa.Index(
+    "ix_exclusive_xcom_item_claimable",
+    item.c.output_id,
+    item.c.generation,
+    item.c.slot,
+    item.c.seq,
+    postgresql_where=item.c.state != CONSUMED,
+    sqlite_where=item.c.state != CONSUMED,
+)
+
+
+def _v1(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[meta, item], checkfirst=True)
+
+
+def _v2(conn: sa.Connection) -> None:
+    claimable_index.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
+SCHEMA_VERSION = len(MIGRATIONS)
