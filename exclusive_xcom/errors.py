@@ -59,5 +59,5 @@ class PayloadError(ExclusiveXComError):
     """The payload cannot be serialized, is too large, is corrupted or its handle is not authentic."""
 
 
-class ConfigurationError(ExclusiveXComError):
+class ConfigurationError(ExclusiveXComError, ValueError):
     """The [exclusive_xcom] configuration or the decorator arguments are invalid."""

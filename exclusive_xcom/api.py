@@ -1,0 +1,64 @@
+"""``claim()``: the decorator's claim, for classic operators and plain callables."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+from exclusive_xcom.decorator import _resolve_conf, from_conf
+from exclusive_xcom.errors import ClaimConflictError, NotAuthorizedError
+from exclusive_xcom.handle import RESERVED_KEY, is_handle
+from exclusive_xcom.runtime import Lost, Session, claimant_of, env
+
+
+def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) -> Any:
+    """Claim the exclusive output of ``task_id`` as the running task instance; return it.
+
+    Same run: the handle is pulled from XCom. Another DAG (``dag_id``) or ``key``: the
+    handle is read from this run's ``conf[key or task_id]``. The claim is consumed when the
+    task's ``execute`` returns (a post-execute hook); if the task fails it is kept for the
+    retry, and freed by its lease if no retry comes.
+    """
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    context = get_current_context()
+    ti = context["ti"]
+    if dag_id is None and key is None:
+        found = ti.xcom_pull(task_ids=task_id, key=RESERVED_KEY)
+    else:
+        found = _resolve_conf(from_conf(key or task_id), context)
+    if not is_handle(found):
+        raise NotAuthorizedError(
+            f"no exclusive output of {task_id!r} reaches {ti.task_id!r} (dag {ti.dag_id!r}, run {ti.run_id!r}); "
+            "is the producer an @exclusive_task with this task among its consumers?"
+        )
+    if found.get("task_id") != task_id or (dag_id is not None and found.get("dag_id") != dag_id):
+        raise NotAuthorizedError(
+            f"the handle given belongs to {found.get('dag_id')}.{found.get('task_id')}, not "
+            f"{dag_id or ti.dag_id}.{task_id}"
+        )
+    session = Session(claimant_of(context), env())
+    try:
+        (value,) = session.claim([found], batch_size=100, max_items=None)
+    except Lost as lost:
+        raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
+    _finish_after_execute(context["task"], session)
+    return value
+
+
+def _finish_after_execute(task: Any, session: Session) -> None:
+    """Consume on success: chain onto the task's post-execute hook, keep the lease meanwhile."""
+    stack = ExitStack()
+    stack.enter_context(session.kept_alive())
+    previous = task._post_execute_hook
+
+    def post_execute(context: Any, result: Any = None) -> None:
+        stack.close()
+        if previous is not None:
+            previous(context, result)
+        if claimant_of(context) != session.claimant:
+            raise ClaimConflictError(f"claims of {session.claimant} cannot be finished by {claimant_of(context)}")
+        session.finish()
+
+    task._post_execute_hook = post_execute

@@ -1,0 +1,305 @@
+"""``@exclusive_task``: a thin ``DecoratedOperator`` subclass and its factory.
+
+The operator extends Airflow's TaskFlow operator at two seams only: ``execute`` (claim
+inputs before the function runs, consume them and write the output after it succeeds)
+and ``update_relative`` (refuse, at DAG parse time, wiring the output into a task that is
+not a named consumer). Everything else, templating, mapping, retries, is Airflow's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import attr
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk.bases.decorator import DecoratedOperator, _TaskDecorator
+from airflow.sdk.bases.operator import BaseOperator
+from airflow.sdk.definitions.xcom_arg import XComArg
+from airflow.sdk.exceptions import AirflowSkipException
+
+from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
+from exclusive_xcom.handle import RESERVED_KEY
+from exclusive_xcom.ledger import MODES, consumer_slot
+from exclusive_xcom.runtime import Lost, Session, claimant_of, env, find_handles, is_final_try, replace_handles
+
+log = logging.getLogger("exclusive_xcom")
+
+_OWN_KEYWORDS = ("consumers", "mode", "batch_size", "max_items")
+CONF_MARKER = "__exclusive_xcom_from_conf__"
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A consumer task in another DAG; it reads the handle from its run's ``conf``."""
+
+    dag_id: str
+    task_id: str
+
+    def __post_init__(self) -> None:
+        for name in ("dag_id", "task_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or "/" in value:
+                raise ConfigurationError(f"Consumer({name}=...) must be a non-empty Airflow id, got {value!r}")
+
+
+def from_conf(key: str) -> dict[str, str]:
+    """An argument of an exclusive task that is the handle found in ``dag_run.conf[key]``.
+
+    A plain dict marker, so DAG serialization keeps it as it is; the task resolves it when
+    it runs, before claiming.
+    """
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(f"from_conf() needs the conf key that holds the handle, got {key!r}")
+    return {CONF_MARKER: key}
+
+
+class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
+    """Runs a TaskFlow function whose inputs are claimed and whose output is exclusive."""
+
+    template_fields: Sequence[str] = ("templates_dict", "op_args", "op_kwargs")
+    template_fields_renderers = {"templates_dict": "json", "op_args": "py", "op_kwargs": "py"}
+    custom_operator_name: str = "@task.exclusive"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Any,
+        op_kwargs: Any,
+        consumers: Sequence[str] = (),
+        mode: str = "each",
+        batch_size: int = 100,
+        max_items: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if consumers:
+            kwargs.setdefault("show_return_value_in_logs", False)  # the payload stays out of logs too
+        self.consumers = tuple(consumers)
+        self.mode = mode
+        self.batch_size = batch_size
+        self.max_items = max_items
+        super().__init__(
+            kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args, "op_kwargs": op_kwargs},
+            python_callable=python_callable,
+            op_args=op_args,
+            op_kwargs=op_kwargs,
+            **kwargs,
+        )
+
+    def consumer_slots(self) -> tuple[str, ...]:
+        return tuple(c if "/" in c else consumer_slot(self.dag_id, c) for c in self.consumers)
+
+    # -- parse time -------------------------------------------------------------------------
+
+    def update_relative(self, other: Any, upstream: bool = True, edge_modifier: Any = None) -> None:
+        """Called when ``other`` is wired below this task; refuse non-consumers reading our output."""
+        super().update_relative(other, upstream, edge_modifier)
+        if upstream or not self.consumers or not _reads_output(other, self):
+            return
+        if consumer_slot(other.dag_id, other.task_id) not in self.consumer_slots():
+            raise NotAuthorizedError(
+                f"task {other.task_id!r} takes the exclusive output of {self.task_id!r} as an argument but is "
+                f"not one of its consumers {list(self.consumers)}; add it to consumers= or remove the argument "
+                f"(a plain ordering edge such as {self.task_id} >> {other.task_id} is allowed)"
+            )
+        if not _is_exclusive(other):
+            raise ConfigurationError(
+                f"task {other.task_id!r} receives the exclusive output of {self.task_id!r} but is not an "
+                "@exclusive_task, so it would get only the handle; decorate it with @exclusive_task "
+                "(or call exclusive_xcom.claim() inside it and pass no argument)"
+            )
+
+    # -- run time -----------------------------------------------------------------------------
+
+    def execute(self, context: Any) -> Any:
+        session = Session(claimant_of(context), env())
+        args = _resolve_conf([self.op_args, self.op_kwargs], context)
+        found = find_handles(args)
+        if found:
+            try:
+                values = session.claim(found, self.batch_size, self.max_items)
+            except Lost as lost:
+                log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
+                raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
+            args = replace_handles(args, values)
+        self.op_args, self.op_kwargs = args
+        try:
+            with session.kept_alive():
+                value = super().execute(context)
+            if not self.consumers:
+                session.finish()
+                return value
+            production, handle = session.production(value, self.mode, self.consumer_slots())
+            session.finish([production])
+        except AirflowSkipException:
+            session.fail(final=True)
+            raise
+        except BaseException:
+            session.fail(is_final_try(context))
+            raise
+        context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(session.env.secret))
+        return None
+
+
+def _resolve_conf(value: Any, context: Any) -> Any:
+    """Replace :func:`from_conf` markers with the handle the triggering run passed in."""
+    if isinstance(value, Mapping) and CONF_MARKER in value:
+        key = value[CONF_MARKER]
+        conf = getattr(context.get("dag_run"), "conf", None) or {}
+        if key not in conf:
+            raise ConfigurationError(
+                f"from_conf({key!r}): this run's conf has no {key!r}; trigger it with conf={{{key!r}: <handle>}}"
+            )
+        return conf[key]
+    if isinstance(value, dict):
+        return {k: _resolve_conf(v, context) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_resolve_conf(v, context) for v in value)
+    return value
+
+
+def _argument_values(op: Any) -> Iterable[Any]:
+    """Every value a task (plain or mapped) was given that may hold an XComArg."""
+    for name in getattr(op, "template_fields", ()):
+        try:
+            yield getattr(op, name)
+        except AttributeError:
+            continue
+    yield from getattr(op, "partial_kwargs", {}).values()
+    for attr_name in ("expand_input", "op_kwargs_expand_input"):
+        yield getattr(getattr(op, attr_name, None), "value", None)
+
+
+def _reads_output(other: Any, producer: BaseOperator) -> bool:
+    return any(
+        ref_op is producer and key == RESERVED_KEY
+        for value in _argument_values(other)
+        for ref_op, key in XComArg.iter_xcom_references(value)
+    )
+
+
+def _is_exclusive(op: Any) -> bool:
+    cls = getattr(op, "operator_class", type(op))
+    return isinstance(cls, type) and issubclass(cls, _ExclusiveDecoratedOperator)
+
+
+@attr.define(slots=False)
+class _ExclusiveTaskDecorator(_TaskDecorator):
+    """Airflow's TaskFlow decorator, but a call returns a reference to the handle's key."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> XComArg:
+        return self._exclusive(super().__call__(*args, **kwargs))
+
+    def _expand(self, expand_input: Any, *, strict: bool) -> XComArg:
+        return self._exclusive(super()._expand(expand_input, strict=strict))
+
+    def _exclusive(self, arg: XComArg) -> XComArg:
+        if not self.kwargs.get("consumers"):
+            return arg
+        (operator, _key), *_ = arg.iter_references()
+        return XComArg(operator, key=RESERVED_KEY)
+
+
+def exclusive_task(
+    python_callable: Callable[..., Any] | None = None,
+    *,
+    consumers: Any = None,
+    mode: str = "each",
+    multiple_outputs: bool | None = None,
+    **task_kwargs: Any,
+) -> Any:
+    """Turn a function into a task whose inputs are claimed and whose output is exclusive.
+
+    Bare (``@exclusive_task``) or called (``@exclusive_task(consumers=[...], mode=...)``);
+    every keyword of ``airflow.sdk.task`` passes through. Bad arguments fail here, at DAG
+    parse time, with a message that says what is allowed.
+    """
+    if python_callable is not None and not callable(python_callable):
+        raise ConfigurationError(
+            f"@exclusive_task takes no positional arguments, got {python_callable!r}; "
+            "write @exclusive_task(consumers=[...])"
+        )
+    names = _consumer_names(consumers)
+    _check_mode(mode, names)
+    _check_keywords(task_kwargs)
+    if names:
+        if multiple_outputs:
+            raise ConfigurationError(
+                "multiple_outputs=True cannot be combined with consumers=: an exclusive output is one value"
+            )
+        multiple_outputs = False  # a `-> dict` annotation must not split the exclusive output
+    kwargs = {**task_kwargs, "consumers": names, "mode": mode}
+
+    def wrap(function: Callable[..., Any]) -> Any:
+        return _ExclusiveTaskDecorator(
+            function=function,
+            multiple_outputs=attr.NOTHING if multiple_outputs is None else multiple_outputs,
+            operator_class=_ExclusiveDecoratedOperator,
+            kwargs=kwargs,
+            decorator_name="exclusive",
+        )
+
+    return wrap(python_callable) if python_callable is not None else wrap
+
+
+def _consumer_names(consumers: Any) -> tuple[str, ...]:
+    """Consumers as ledger names: ``task_id`` in this DAG, ``dag_id/task_id`` elsewhere."""
+    if consumers is None:
+        return ()
+    if isinstance(consumers, str | Consumer):
+        consumers = [consumers]
+    if not isinstance(consumers, Iterable):
+        raise ConfigurationError(
+            f"consumers= must be a list of task ids and/or Consumer(dag_id, task_id), got {consumers!r}"
+        )
+    names = []
+    for consumer in consumers:
+        if isinstance(consumer, Consumer):
+            names.append(consumer_slot(consumer.dag_id, consumer.task_id))
+        elif isinstance(consumer, str) and consumer and "/" not in consumer:
+            names.append(consumer)
+        else:
+            raise ConfigurationError(
+                f"consumers= entries must be task ids (str) or Consumer(dag_id=..., task_id=...), got {consumer!r}"
+            )
+    return tuple(dict.fromkeys(names))
+
+
+def _check_mode(mode: Any, names: tuple[str, ...]) -> None:
+    if mode not in MODES:
+        raise ConfigurationError(f"mode={mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
+    if mode != "each" and not names:
+        raise ConfigurationError(f"mode={mode!r} needs consumers=[...] to name who may read the output")
+
+
+_SKIP = {"self", "args", "kwargs", "python_callable", "op_args", "op_kwargs", "kwargs_to_upstream"}
+
+
+def _allowed_keywords() -> set[str]:
+    names: set[str] = set(_OWN_KEYWORDS)
+    for cls in (BaseOperator, PythonOperator, DecoratedOperator):
+        names.update(inspect.signature(cls.__init__).parameters)
+    return names - _SKIP
+
+
+def _check_keywords(task_kwargs: Mapping[str, Any]) -> None:
+    allowed = _allowed_keywords()
+    for name in task_kwargs:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(
+                f"@exclusive_task got an unknown keyword {name!r}{hint}; it accepts consumers=, mode=, "
+                "batch_size=, max_items= and every keyword of @task (task_id, retries, pool, ...)"
+            )
+    batch = task_kwargs.get("batch_size", 100)
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigurationError(f"batch_size= must be a positive int, got {batch!r}")
+    cap = task_kwargs.get("max_items")
+    if cap is not None and (not isinstance(cap, int) or cap < 1):
+        raise ConfigurationError(f"max_items= must be a positive int or None, got {cap!r}")

@@ -1,0 +1,81 @@
+"""The signed handle: the only thing an exclusive output puts into Airflow's XCom.
+
+A handle names an output (and the generation, i.e. producer try, that wrote it), its mode
+and its allowed consumers, and carries an HMAC so a forged or edited handle (say, in a
+``conf`` of a triggered run) is refused. It holds no payload: a task that pulls the
+reserved key without being a consumer learns where the data is, not what it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from exclusive_xcom.errors import PayloadError
+from exclusive_xcom.ledger import ClaimRequest, Output
+
+#: The XCom key exclusive outputs are pushed under (URL-safe: it is a path segment in
+#: Airflow 3's Execution API).
+RESERVED_KEY = "__exclusive__handle"
+MARKER = "__exclusive_xcom__"
+VERSION = 1
+_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "key", "generation", "mode", "consumers")
+
+
+@dataclass(frozen=True)
+class Handle:
+    output: Output
+    generation: int
+    mode: str
+    consumers: tuple[str, ...]
+
+    def to_xcom(self, secret: bytes) -> dict[str, Any]:
+        body = self._body()
+        return {MARKER: VERSION, **body, "sig": _sign(body, secret)}
+
+    def request(self, limit: int = 100) -> ClaimRequest:
+        return ClaimRequest(self.output, self.generation, self.mode, self.consumers, limit)
+
+    def _body(self) -> dict[str, Any]:
+        o = self.output
+        return {
+            "dag_id": o.dag_id,
+            "run_id": o.run_id,
+            "task_id": o.task_id,
+            "map_index": o.map_index,
+            "key": o.key,
+            "generation": self.generation,
+            "mode": self.mode,
+            "consumers": sorted(self.consumers),
+        }
+
+
+def is_handle(value: Any) -> bool:
+    return isinstance(value, Mapping) and MARKER in value
+
+
+def parse(value: Mapping[str, Any], secret: bytes) -> Handle:
+    """Check a handle's shape and signature; refuse anything forged or altered."""
+    try:
+        body = {name: value[name] for name in _FIELDS}
+        output = Output(body["dag_id"], body["run_id"], body["task_id"], int(body["map_index"]), body["key"])
+        handle = Handle(output, int(body["generation"]), str(body["mode"]), tuple(body["consumers"]))
+        signature = str(value["sig"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PayloadError(f"malformed exclusive_xcom handle (missing or bad field: {exc})") from exc
+    if value[MARKER] != VERSION or not hmac.compare_digest(signature, _sign(handle._body(), secret)):
+        raise PayloadError(
+            "exclusive_xcom handle signature mismatch: the handle was forged or altered, or producer and "
+            "consumer use different secret_key settings",
+            output.ref(),
+        )
+    return handle
+
+
+def _sign(body: Mapping[str, Any], secret: bytes) -> str:
+    message = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()

@@ -1,0 +1,216 @@
+"""What a running task does with the ledger: claim its inputs, keep them alive, finish.
+
+Shared by ``@exclusive_task`` and :func:`exclusive_xcom.claim`, so both follow one set of
+rules: inputs are claimed in one transaction before user code runs; the claims are kept
+alive by a heartbeat while it runs; they are consumed, together with the task's own
+exclusive output, in one transaction when it succeeds; they are kept for a retry when it
+fails, and released when it fails for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from exclusive_xcom import handle as handles
+from exclusive_xcom import payload
+from exclusive_xcom.config import Settings, get_ledger, load_settings, signing_secret
+from exclusive_xcom.handle import Handle
+from exclusive_xcom.ledger import ITEMS, Claimant, ClaimResult, Ledger, Output, Production
+
+log = logging.getLogger("exclusive_xcom")
+
+
+@dataclass(frozen=True)
+class Env:
+    settings: Settings
+    ledger: Ledger
+    secret: bytes
+
+
+@lru_cache(maxsize=4)
+def _env_for(settings: Settings) -> Env:
+    ledger = get_ledger(settings)
+    return Env(settings, ledger, signing_secret(settings, ledger))
+
+
+def env() -> Env:
+    """Settings, ledger and signing secret of this process (built once per configuration)."""
+    return _env_for(load_settings())
+
+
+def claimant_of(context: Mapping[str, Any]) -> Claimant:
+    ti = context["ti"]
+    map_index = ti.map_index if ti.map_index is not None else -1
+    return Claimant(ti.dag_id, ti.run_id, ti.task_id, map_index, ti.try_number)
+
+
+def is_final_try(context: Mapping[str, Any]) -> bool:
+    ti = context["ti"]
+    max_tries = getattr(ti, "max_tries", None)
+    if max_tries is None:
+        max_tries = context["task"].retries or 0
+    return ti.try_number > max_tries
+
+
+@dataclass
+class Session:
+    """One task try's claims: what it holds, and the ledger it holds them in."""
+
+    claimant: Claimant
+    env: Env
+    ids: list[int] = field(default_factory=list)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def claim(self, found: Sequence[Mapping[str, Any]], batch_size: int, max_items: int | None) -> list[Any]:
+        """Claim every handle in ``found`` (all or none) and return their values in order.
+
+        Raises :class:`Lost`, having claimed nothing, when a ``one``-mode input went to
+        another consumer.
+        """
+        parsed = [handles.parse(h, self.env.secret) for h in found]
+        first = min(batch_size, max_items) if max_items else batch_size
+        result = self.env.ledger.claim(self.claimant, [h.request(first) for h in parsed])
+        if result.lost:
+            raise Lost(result.lost)
+        self.ids.extend(result.ids)
+        values = [self._values(h, c.payloads) for h, c in zip(parsed, result.claims, strict=True)]
+        for h, claimed, value in zip(parsed, result.claims, values, strict=True):
+            if h.mode == ITEMS and len(claimed.ids) == first:
+                value.extend(self._drain(h, batch_size, (max_items or 0) - len(claimed.ids)))
+        for h, value in zip(parsed, values, strict=True):
+            count = f"{len(value)} item(s)" if h.mode == ITEMS else "1 item"
+            log.info("exclusive_xcom: %s claimed %s of %s (%s)", self.claimant, count, h.output.producer, h.mode)
+        return values
+
+    def _drain(self, h: Handle, batch_size: int, remaining: int) -> list[Any]:
+        """Keep claiming batches of a work queue until it is empty (or the cap is reached)."""
+        drained: list[Any] = []
+        capped = remaining > 0
+        while not capped or remaining > 0:
+            limit = min(batch_size, remaining) if capped else batch_size
+            result: ClaimResult = self.env.ledger.claim(self.claimant, [h.request(limit)])
+            (claimed,) = result.claims
+            self.ids.extend(claimed.ids)
+            drained.extend(self._values(h, claimed.payloads))
+            remaining -= len(claimed.ids)
+            if len(claimed.ids) < limit:
+                break
+        return drained
+
+    def _values(self, h: Handle, raw: list[bytes | None]) -> Any:
+        ref = h.output.ref(self.claimant.slot)
+        values = [payload.loads(data, ref) for data in raw]
+        return values if h.mode == ITEMS else values[0]
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    @contextmanager
+    def kept_alive(self) -> Iterator[None]:
+        """Renew the lease while user code runs, so a long task is not mistaken for a dead one."""
+        if not self.ids:
+            yield
+            return
+        stop = threading.Event()
+        interval = max(self.env.ledger.lease_seconds / 3, 0.5)
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    if not self.env.ledger.extend_lease(self.claimant, self.ids):
+                        log.warning("exclusive_xcom: %s lost some claims (fenced or taken over)", self.claimant)
+                except Exception as exc:  # keep beating; finish() reports a lost claim for good
+                    log.warning("exclusive_xcom: lease renewal failed: %s", exc)
+
+        thread = threading.Thread(target=beat, name="exclusive-xcom-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def finish(self, productions: Sequence[Production] = ()) -> None:
+        self.env.ledger.finish(self.claimant, self.ids, productions)
+        if self.ids:
+            log.info("exclusive_xcom: %s consumed %d item(s)", self.claimant, len(self.ids))
+
+    def fail(self, final: bool) -> None:
+        """Keep claims for the retry; give them back when no retry will come."""
+        if not self.ids:
+            return
+        if not final:
+            log.info("exclusive_xcom: %s keeps %d claim(s) for its retry", self.claimant, len(self.ids))
+            return
+        try:
+            released = self.env.ledger.release(self.claimant, self.ids)
+            log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
+        except Exception as exc:  # the lease frees them anyway; do not mask the task's own error
+            log.warning("exclusive_xcom: could not release claims (their lease will expire): %s", exc)
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def production(self, value: Any, mode: str, consumers: tuple[str, ...]) -> tuple[Production, Handle]:
+        output = Output(self.claimant.dag_id, self.claimant.run_id, self.claimant.task_id, self.claimant.map_index)
+        generation = self.claimant.try_number
+        ref = output.ref()
+        if mode == ITEMS:
+            data: Any = (payload.dumps(v, ref) for v in _iterable(value, ref))
+        else:
+            data = [payload.dumps(value, ref)]
+        return Production(output, generation, mode, consumers, data), Handle(output, generation, mode, consumers)
+
+
+class Lost(Exception):
+    """A ``one``-mode input went to another consumer; the caller skips the task."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
+def _iterable(value: Any, ref: Any) -> Iterator[Any]:
+    from exclusive_xcom.errors import PayloadError
+
+    if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
+        raise PayloadError(
+            f"mode='items' needs an iterable return value (list, tuple, generator, ...), got "
+            f"{type(value).__name__}",
+            ref,
+        )
+    return iter(value)
+
+
+# -- finding handles among arguments --------------------------------------------------------
+
+
+def find_handles(value: Any) -> list[Mapping[str, Any]]:
+    """Every handle inside ``value`` (nested lists, tuples, dicts), in traversal order."""
+    found: list[Mapping[str, Any]] = []
+    _walk(value, lambda h: found.append(h) or h)
+    return found
+
+
+def replace_handles(value: Any, values: Sequence[Any]) -> Any:
+    """``value`` with its handles replaced, in :func:`find_handles` order, by ``values``."""
+    it = iter(values)
+    return _walk(value, lambda _h: next(it))
+
+
+def _walk(value: Any, on_handle: Callable[[Mapping[str, Any]], Any]) -> Any:
+    if handles.is_handle(value):
+        return on_handle(value)
+    if isinstance(value, dict):
+        return {k: _walk(v, on_handle) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_walk(v, on_handle) for v in value)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
+        return [_walk(v, on_handle) for v in value]  # e.g. a mapped producer's LazyXComSequence
+    return value
+
