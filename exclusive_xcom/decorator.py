@@ -94,6 +94,9 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
     def consumer_slots(self) -> tuple[str, ...]:
         return tuple(c if "/" in c else consumer_slot(self.dag_id, c) for c in self.consumers)
 
+    def _consumer_dags(self) -> set[str]:
+        return {slot.split("/", 1)[0] for slot in self.consumer_slots()} - {self.dag_id}
+
     # -- parse time -------------------------------------------------------------------------
 
     def update_relative(self, other: Any, upstream: bool = True, edge_modifier: Any = None) -> None:
@@ -101,6 +104,8 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         super().update_relative(other, upstream, edge_modifier)
         if upstream or not self.consumers or not _reads_output(other, self):
             return
+        if getattr(other, "trigger_dag_id", None) in self._consumer_dags():
+            return  # a TriggerDagRunOperator carrying the handle (not the data) to a consumer DAG
         if consumer_slot(other.dag_id, other.task_id) not in self.consumer_slots():
             raise NotAuthorizedError(
                 f"task {other.task_id!r} takes the exclusive output of {self.task_id!r} as an argument but is "

@@ -1,0 +1,76 @@
+"""[exclusive_xcom] options resolve to a ledger URL the way an Airflow user expects."""
+
+from __future__ import annotations
+
+import pytest
+
+from exclusive_xcom.config import ledger_url, load_settings
+from exclusive_xcom.errors import ConfigurationError
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for name in ("SQL_ALCHEMY_CONN", "CONN_ID", "LEASE_SECONDS", "SECRET_KEY"):
+        monkeypatch.delenv(f"AIRFLOW__EXCLUSIVE_XCOM__{name}", raising=False)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+
+
+def test_default_is_an_sqlite_file_under_airflow_home(tmp_path) -> None:
+    assert ledger_url() == f"sqlite:///{tmp_path}/exclusive_xcom.db"
+
+
+def test_sql_alchemy_conn_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN", "postgresql+psycopg://u@h/db")
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__CONN_ID", "ignored")
+    assert ledger_url() == "postgresql+psycopg://u@h/db"
+
+
+def test_conn_id_builds_a_sqlalchemy_2_url_from_a_postgres_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGER_PG", "postgres://alice:s%40cret@db.example:5433/ledger")
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__CONN_ID", "ledger_pg")
+    assert ledger_url() == "postgresql+psycopg://alice:s%40cret@db.example:5433/ledger"
+
+
+def test_conn_id_of_a_mysql_connection_uses_pymysql(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGER_MY", "mysql://root@127.0.0.1:3306/test")
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__CONN_ID", "ledger_my")
+    assert ledger_url() == "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+def test_conn_id_of_an_unsupported_type_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGER_HTTP", "http://example.com")
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__CONN_ID", "ledger_http")
+    with pytest.raises(ConfigurationError, match="conn_id='ledger_http' has type 'http'; use a postgres or mysql"):
+        ledger_url()
+
+
+def test_missing_connection_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__CONN_ID", "nope_not_here")
+    with pytest.raises(ConfigurationError, match="conn_id='nope_not_here': connection not found"):
+        ledger_url()
+
+
+def test_bad_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN", "not a url")
+    with pytest.raises(ConfigurationError, match="sql_alchemy_conn is not a SQLAlchemy URL"):
+        ledger_url()
+
+
+def test_non_numeric_lease_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__LEASE_SECONDS", "soon")
+    with pytest.raises(ConfigurationError, match="lease_seconds must be a number, got 'soon'"):
+        load_settings()
+
+
+def test_provider_info_is_valid_for_airflow() -> None:
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    from exclusive_xcom.provider import get_provider_info
+
+    schema = json.loads(files("airflow").joinpath("provider_info.schema.json").read_text())
+    info = get_provider_info()
+    jsonschema.validate(info, schema)
+    assert info["task-decorators"] == [{"name": "exclusive", "class-name": "exclusive_xcom.decorator.exclusive_task"}]

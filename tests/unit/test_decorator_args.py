@@ -1,0 +1,154 @@
+"""Bad decorator arguments fail at DAG parse time with a message that says what is allowed."""
+
+from __future__ import annotations
+
+import pendulum
+import pytest
+from airflow.sdk import DAG
+
+from exclusive_xcom import Consumer, NotAuthorizedError, exclusive_task
+from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
+from exclusive_xcom.handle import RESERVED_KEY
+
+
+def _dag(dag_id: str = "d") -> DAG:
+    return DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"))
+
+
+def test_unknown_mode_names_the_allowed_modes() -> None:
+    with pytest.raises(ConfigurationError, match=r"mode='all' is not one of 'each', 'one', 'items'"):
+        exclusive_task(consumers=["b"], mode="all")
+
+
+def test_consumer_that_is_not_a_string_or_consumer_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"task ids \(str\) or Consumer\(dag_id=..., task_id=...\), got 42"):
+        exclusive_task(consumers=["b", 42])
+
+
+def test_consumers_of_the_wrong_type_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="consumers= must be a list"):
+        exclusive_task(consumers=3.5)
+
+
+def test_unknown_keyword_is_refused_with_a_suggestion() -> None:
+    with pytest.raises(ConfigurationError, match=r"unknown keyword 'retrys' \(did you mean 'retries'\?\)"):
+        exclusive_task(consumers=["b"], retrys=2)
+
+
+def test_mode_without_consumers_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="mode='one' needs consumers="):
+        exclusive_task(mode="one")
+
+
+def test_multiple_outputs_cannot_split_an_exclusive_output() -> None:
+    with pytest.raises(ConfigurationError, match="multiple_outputs=True cannot be combined with consumers="):
+        exclusive_task(consumers=["b"], multiple_outputs=True)
+
+
+def test_positional_argument_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="no positional arguments"):
+        exclusive_task("b")  # type: ignore[arg-type]
+
+
+def test_bad_batch_size_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="batch_size= must be a positive int, got 0"):
+        exclusive_task(consumers=["b"], mode="items", batch_size=0)
+
+
+def test_consumer_ids_are_validated() -> None:
+    with pytest.raises(ConfigurationError, match="Consumer\\(task_id=...\\) must be a non-empty Airflow id"):
+        Consumer(dag_id="other", task_id="")
+
+
+def test_configuration_errors_belong_to_the_one_hierarchy() -> None:
+    assert issubclass(ConfigurationError, ExclusiveXComError)
+    assert issubclass(NotAuthorizedError, ExclusiveXComError)
+
+
+def test_output_reference_points_at_the_reserved_key_and_task_keywords_pass_through() -> None:
+    with _dag():
+
+        @exclusive_task(consumers=["b"], retries=3, pool="p1", task_id="make")
+        def a() -> dict:
+            return {}
+
+        ref = a()
+    (op, key), = ref.iter_references()
+    assert key == RESERVED_KEY
+    assert key.startswith("__exclusive__") and key.replace("_", "").isalnum()
+    assert (op.task_id, op.retries, op.pool, op.multiple_outputs) == ("make", 3, "p1", False)
+
+
+def test_wiring_the_output_into_a_non_consumer_fails_at_parse_time_naming_both() -> None:
+    with _dag(), pytest.raises(NotAuthorizedError, match=r"task 'intruder' takes the exclusive output of 'secret'"):
+
+        @exclusive_task(consumers=["reader"])
+        def secret() -> int:
+            return 1
+
+        @exclusive_task
+        def intruder(x: int) -> None: ...
+
+        intruder(secret())
+
+
+def test_plain_ordering_edge_to_a_non_consumer_is_allowed() -> None:
+    with _dag():
+
+        @exclusive_task(consumers=["reader"])
+        def secret() -> int:
+            return 1
+
+        @exclusive_task
+        def reader(x: int) -> None: ...
+
+        @exclusive_task
+        def other() -> None: ...
+
+        out = secret()
+        reader(out)
+        out >> other()
+
+
+def test_a_named_consumer_that_is_a_plain_task_is_told_to_use_the_decorator() -> None:
+    from airflow.sdk import task
+
+    with _dag(), pytest.raises(ConfigurationError, match="is not an @exclusive_task"):
+
+        @exclusive_task(consumers=["reader"])
+        def secret() -> int:
+            return 1
+
+        @task
+        def reader(x: int) -> None: ...
+
+        reader(secret())
+
+
+def test_mapped_consumer_via_partial_and_expand_is_accepted() -> None:
+    with _dag():
+
+        @exclusive_task(consumers=["work"], mode="items")
+        def produce() -> list[int]:
+            return [1, 2, 3]
+
+        @exclusive_task(batch_size=10)
+        def work(items: list[int], shard: int) -> int:
+            return len(items)
+
+        mapped = work.partial(items=produce()).expand(shard=[0, 1])
+    (op, _), = mapped.iter_references()
+    assert op.task_id == "work"
+
+
+def test_mapped_intruder_is_refused_at_parse_time() -> None:
+    with _dag(), pytest.raises(NotAuthorizedError, match="'intruder'"):
+
+        @exclusive_task(consumers=["work"], mode="items")
+        def produce() -> list[int]:
+            return [1]
+
+        @exclusive_task
+        def intruder(items: list[int], shard: int) -> None: ...
+
+        intruder.partial(items=produce()).expand(shard=[0, 1])
