@@ -35,7 +35,18 @@ _WHERE = {
     "PayloadError": "exclusive_xcom.errors",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "AlreadyConsumedError",
+    "ClaimConflictError",
+    "Consumer",
+    "ExclusiveXComError",
+    "LedgerUnavailableError",
+    "NotAuthorizedError",
+    "PayloadError",
+    "claim",
+    "exclusive_task",
+    "from_conf",
+]
 
 
 def __getattr__(name: str) -> Any:

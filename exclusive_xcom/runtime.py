@@ -180,8 +180,7 @@ def _iterable(value: Any, ref: Any) -> Iterator[Any]:
 
     if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
         raise PayloadError(
-            f"mode='items' needs an iterable return value (list, tuple, generator, ...), got "
-            f"{type(value).__name__}",
+            f"mode='items' needs an iterable return value (list, tuple, generator, ...), got {type(value).__name__}",
             ref,
         )
     return iter(value)
@@ -213,4 +212,3 @@ def _walk(value: Any, on_handle: Callable[[Mapping[str, Any]], Any]) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
         return [_walk(v, on_handle) for v in value]  # e.g. a mapped producer's LazyXComSequence
     return value
-

@@ -362,7 +362,7 @@ def _claimable(row: Any, claimant: Claimant, request: ClaimRequest, now: datetim
 def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest, now: datetime) -> Claimed:
     out = request.output
     rows = conn.execute(
-        q.lock_batch(out.output_id, request.generation, claimant.identity, now, request.limit)
+        q.lock_batch(out.output_id, request.generation, claimant.identity, claimant.try_number, now, request.limit)
     ).all()
     claimed = Claimed(request)
     for row in rows:

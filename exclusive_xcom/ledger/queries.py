@@ -60,17 +60,24 @@ def peek_slot(output_id: str, generation: int, slot: str) -> sa.Select:
 
 
 def lock_batch(
-    output_id: str, generation: int, owner: tuple[str, str, str, int], now: datetime, limit: int
+    output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int, now: datetime, limit: int
 ) -> sa.Select:
     """Lock up to ``limit`` claimable items of a shared pool (mode items), lowest seq first.
 
-    Claimable: ready, or claimed under an expired lease, or claimed by this same task
-    instance (its retry takes its own claims back; the caller fences older tries).
+    Claimable: ready, or claimed under an expired lease, or claimed by an *earlier* try of
+    this same task instance (its retry takes its own claims back). Rows this very try
+    already holds are not selected again, so a drain loop ends when the pool is empty.
     Expired leases are reclaimed here, inside the claim, so no sweeper is needed.
     """
     claimable = sa.or_(
         item.c.state == READY,
-        sa.and_(item.c.state == CLAIMED, sa.or_(item.c.lease_expires_at < now, _owner_is(*owner))),
+        sa.and_(
+            item.c.state == CLAIMED,
+            sa.or_(
+                item.c.lease_expires_at < now,
+                sa.and_(_owner_is(*owner), item.c.owner_try < try_number),
+            ),
+        ),
     )
     return (
         sa.select(*_CLAIM_COLUMNS)
@@ -117,9 +124,7 @@ def _held_by(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: i
     )
 
 
-def mark_consumed(
-    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime
-) -> sa.Update:
+def mark_consumed(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime) -> sa.Update:
     return (
         sa.update(item)
         .where(_held_by(ids, owner, try_number))
@@ -127,9 +132,7 @@ def mark_consumed(
     )
 
 
-def extend_lease(
-    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime
-) -> sa.Update:
+def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime) -> sa.Update:
     return sa.update(item).where(_held_by(ids, owner, try_number)).values(lease_expires_at=lease)
 
 

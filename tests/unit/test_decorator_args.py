@@ -73,7 +73,7 @@ def test_output_reference_points_at_the_reserved_key_and_task_keywords_pass_thro
             return {}
 
         ref = a()
-    (op, key), = ref.iter_references()
+    ((op, key),) = ref.iter_references()
     assert key == RESERVED_KEY
     assert key.startswith("__exclusive__") and key.replace("_", "").isalnum()
     assert (op.task_id, op.retries, op.pool, op.multiple_outputs) == ("make", 3, "p1", False)
@@ -137,7 +137,7 @@ def test_mapped_consumer_via_partial_and_expand_is_accepted() -> None:
             return len(items)
 
         mapped = work.partial(items=produce()).expand(shard=[0, 1])
-    (op, _), = mapped.iter_references()
+    ((op, _),) = mapped.iter_references()
     assert op.task_id == "work"
 
 
