@@ -260,6 +260,27 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         return self._run(lambda conn: {s: n for s, n in conn.execute(q.count_by_state())})
 
+    def stats(self) -> dict[str, Any]:
+        """Counts by state, bytes held by unconsumed items, the oldest unconsumed item."""
+
+        def tx(conn: sa.Connection) -> dict[str, Any]:
+            counts = {state: 0 for state in (READY, CLAIMED, CONSUMED)}
+            counts.update({s: n for s, n in conn.execute(q.count_by_state())})
+            row = conn.execute(q.storage_stats()).one()
+            return {"counts": counts, "bytes": int(row.bytes), "oldest_unconsumed": row.oldest_unconsumed}
+
+        return self._run(tx)
+
+    def purge(self, older_than: timedelta, *, batch: int = 1000, dry_run: bool = False) -> int:
+        """Delete items consumed longer ago than ``older_than``, a bounded batch per transaction."""
+        cutoff = self._now() - older_than
+        if dry_run:
+            return int(self._run(lambda conn: conn.execute(q.count_consumed_before(cutoff)).scalar_one()))
+        total = 0
+        while ids := self._run(lambda conn: list(conn.execute(q.consumed_before(cutoff, batch)).scalars())):
+            total += self._run(lambda conn, ids=ids: conn.execute(q.delete_ids(ids)).rowcount)
+        return total
+
     # -- plumbing ---------------------------------------------------------------------------
 
     def _now(self) -> datetime:

@@ -168,6 +168,7 @@ def insert_items() -> sa.Insert:
 
 def select_items(
     *,
+    item_id: int | None = None,
     dag_id: str | None = None,
     run_id: str | None = None,
     task_id: str | None = None,
@@ -178,6 +179,7 @@ def select_items(
     cols = [c for c in item.c if c.name != "payload"]
     stmt = sa.select(*cols).order_by(item.c.id.desc())
     for column, value in (
+        (item.c.id, item_id),
         (item.c.dag_id, dag_id),
         (item.c.run_id, run_id),
         (item.c.task_id, task_id),
@@ -190,6 +192,33 @@ def select_items(
 
 def count_by_state() -> sa.Select:
     return sa.select(item.c.state, sa.func.count()).group_by(item.c.state)
+
+
+def storage_stats() -> sa.Select:
+    """Bytes still held inline and the oldest item nobody has consumed yet."""
+    unconsumed = item.c.state != CONSUMED
+    return sa.select(
+        sa.func.coalesce(sa.func.sum(sa.case((unconsumed, item.c.payload_size), else_=0)), 0).label("bytes"),
+        sa.func.min(sa.case((unconsumed, item.c.created_at), else_=None)).label("oldest_unconsumed"),
+    )
+
+
+def consumed_before(cutoff: datetime, limit: int) -> sa.Select:
+    """A bounded batch of purgeable ids, so purging a million rows never holds long locks."""
+    return (
+        sa.select(item.c.id)
+        .where(item.c.state == CONSUMED, item.c.consumed_at < cutoff)
+        .order_by(item.c.id)
+        .limit(limit)
+    )
+
+
+def count_consumed_before(cutoff: datetime) -> sa.Select:
+    return sa.select(sa.func.count()).where(item.c.state == CONSUMED, item.c.consumed_at < cutoff)
+
+
+def delete_ids(ids: Sequence[int]) -> sa.Delete:
+    return sa.delete(item).where(item.c.id.in_(ids), item.c.state == CONSUMED)
 
 
 def get_meta(name: str) -> sa.Select:

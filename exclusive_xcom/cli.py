@@ -1,0 +1,175 @@
+"""``exclusive-xcom``: look into and maintain the claim ledger from a shell.
+
+It reads the same ``[exclusive_xcom]`` configuration as the tasks (or ``--url``), prints
+readable tables for people and ``--json`` for scripts, and turns every bad input into a
+non-zero exit status with a one-line reason on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from exclusive_xcom.errors import ExclusiveXComError
+from exclusive_xcom.ledger import Ledger
+from exclusive_xcom.ledger.schema import STATES
+
+LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"exclusive-xcom: error: {exc}", file=sys.stderr)
+        return 2
+    except ExclusiveXComError as exc:
+        print(f"exclusive-xcom: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's default prints the whole usage first
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="exclusive-xcom", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="ledger SQLAlchemy URL (default: the [exclusive_xcom] configuration)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    db = sub.add_parser("db", help="schema maintenance").add_subparsers(
+        dest="db_command", required=True, parser_class=_Parser
+    )
+    db.add_parser("migrate", help="create or upgrade the ledger schema").set_defaults(func=_db_migrate)
+
+    ls = sub.add_parser("ls", help="list items (newest first), without payloads")
+    for name in ("dag-id", "run-id", "task-id"):
+        ls.add_argument(f"--{name}")
+    ls.add_argument("--state", choices=STATES)
+    ls.add_argument("--limit", type=_positive_int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_ls)
+
+    show = sub.add_parser("show", help="one item, every field but the payload")
+    show.add_argument("item_id", type=_positive_int)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_show)
+
+    release = sub.add_parser("release", help="free stuck claims whoever holds them")
+    release.add_argument("item_ids", type=_positive_int, nargs="+")
+    release.set_defaults(func=_release)
+
+    purge = sub.add_parser("purge", help="delete items consumed longer ago than --older-than")
+    purge.add_argument("--older-than", required=True, type=_duration, help="e.g. 7d, 12h, 30m")
+    purge.add_argument("--dry-run", action="store_true")
+    purge.set_defaults(func=_purge)
+
+    stats = sub.add_parser("stats", help="counts by state, bytes stored, oldest unconsumed item")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=_stats)
+    return parser
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _db_migrate(args: argparse.Namespace) -> None:
+    ledger = _ledger(args)
+    print(f"ledger at {ledger.engine.url.render_as_string(hide_password=True)}: schema version {ledger.migrate()}")
+
+
+def _ls(args: argparse.Namespace) -> None:
+    rows = _ledger(args).items(
+        dag_id=args.dag_id, run_id=args.run_id, task_id=args.task_id, state=args.state, limit=args.limit
+    )
+    _emit(rows, args.json, lambda: _table(rows, LS_COLUMNS))
+
+
+def _show(args: argparse.Namespace) -> None:
+    rows = _ledger(args).items(item_id=args.item_id)
+    if not rows:
+        raise UsageError(f"no item with id {args.item_id}")
+    row = rows[0]
+    width = max(map(len, row))
+    _emit(row, args.json, lambda: "\n".join(f"{k:<{width}}  {_text(v)}" for k, v in row.items()))
+
+
+def _release(args: argparse.Namespace) -> None:
+    released = _ledger(args).release_any(args.item_ids)
+    print(f"released {released} of {len(args.item_ids)} item(s); the others were not claimed")
+
+
+def _purge(args: argparse.Namespace) -> None:
+    count = _ledger(args).purge(args.older_than, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {count} item(s) consumed more than {args.older_than} ago")
+
+
+def _stats(args: argparse.Namespace) -> None:
+    stats = _ledger(args).stats()
+    _emit(
+        stats, args.json, lambda: _table([{**stats["counts"], **{k: stats[k] for k in ("bytes", "oldest_unconsumed")}}])
+    )
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+
+def _ledger(args: argparse.Namespace) -> Ledger:
+    from exclusive_xcom.config import get_ledger, load_settings
+
+    settings = load_settings()
+    if args.url:
+        settings = type(settings)(**{**settings.__dict__, "url": args.url})
+    return get_ledger(settings)
+
+
+def _emit(data: Any, as_json: bool, human: Any) -> None:
+    print(json.dumps(data, default=_text, indent=None if isinstance(data, list) else 2) if as_json else human())
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(no items)"
+    columns = list(columns or rows[0])
+    cells = [[_text(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return value.isoformat(sep=" ") if isinstance(value, datetime) else str(value)
+
+
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def _duration(raw: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([smhdw])", raw.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 7d, 12h, 30m, 45s or 2w, got {raw!r}")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
