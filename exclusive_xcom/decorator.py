@@ -243,7 +243,7 @@ def exclusive_task(
     def wrap(function: Callable[..., Any]) -> Any:
         return _ExclusiveTaskDecorator(
             function=function,
-            multiple_outputs=attr.NOTHING if multiple_outputs is None else multiple_outputs,
+            multiple_outputs=attr.NOTHING if multiple_outputs is None else multiple_outputs,  # type: ignore[arg-type]
             operator_class=_ExclusiveDecoratedOperator,
             kwargs=kwargs,
             decorator_name="exclusive",

@@ -192,7 +192,12 @@ def _iterable(value: Any, ref: Any) -> Iterator[Any]:
 def find_handles(value: Any) -> list[Mapping[str, Any]]:
     """Every handle inside ``value`` (nested lists, tuples, dicts), in traversal order."""
     found: list[Mapping[str, Any]] = []
-    _walk(value, lambda h: found.append(h) or h)
+
+    def keep(h: Mapping[str, Any]) -> Mapping[str, Any]:
+        found.append(h)
+        return h
+
+    _walk(value, keep)
     return found
 
 

@@ -278,7 +278,7 @@ class Ledger:
             return int(self._run(lambda conn: conn.execute(q.count_consumed_before(cutoff)).scalar_one()))
         total = 0
         while ids := self._run(lambda conn: list(conn.execute(q.consumed_before(cutoff, batch)).scalars())):
-            total += self._run(lambda conn, ids=ids: conn.execute(q.delete_ids(ids)).rowcount)
+            total += self._run(_deleter(ids))
         return total
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -312,6 +312,10 @@ class Ledger:
 
 
 # -- transaction bodies ---------------------------------------------------------------------
+
+
+def _deleter(ids: list[int]) -> Callable[[sa.Connection], int]:
+    return lambda conn: int(conn.execute(q.delete_ids(ids)).rowcount)
 
 
 def _authorize(claimant: Claimant, request: ClaimRequest, consumers: Iterable[str]) -> None:
