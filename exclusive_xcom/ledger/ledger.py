@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from exclusive_xcom.errors import (
     AlreadyConsumedError,
     ClaimConflictError,
+    ExclusiveXComError,
     ItemRef,
     LedgerUnavailableError,
     NotAuthorizedError,
@@ -197,15 +198,45 @@ class Ledger:
             if ids:
                 done = conn.execute(q.mark_consumed(ids, claimant.identity, claimant.try_number, now))
                 if done.rowcount != len(ids):
-                    raise ClaimConflictError(
-                        f"{claimant} no longer holds {len(ids) - done.rowcount} of its {len(ids)} claimed "
-                        "item(s): a newer try fenced it or its lease expired and another task took over; "
-                        "nothing was consumed"
-                    )
+                    raise _NotHeld(len(ids) - done.rowcount)  # rolls back what was marked
             for production in productions:
                 _produce(conn, production, now)
 
-        self._run(tx)
+        try:
+            self._run(tx)
+        except _NotHeld as lost:
+            raise self._not_held(claimant, ids, lost.count) from None
+
+    def _not_held(self, claimant: Claimant, ids: Sequence[int], count: int) -> ClaimConflictError:
+        """The error for a finish that lost claims: who has them now, and whose output they are."""
+        try:
+            rows = self._run(lambda conn: conn.execute(q.select_by_ids(ids)).all())
+        except ExclusiveXComError:  # the conflict is the news; its details are a bonus
+            rows = []
+        taken = [r for r in rows if not (r.state == CLAIMED and _is_held_by(r, claimant))]
+        if taken:
+            row = taken[0]
+            if row.state == CONSUMED:
+                why = f"it was consumed by {_describe_owner(row)} at {row.consumed_at}"
+            elif row.state == READY:
+                why = "it was released"
+            elif _owner_of(row) == claimant.identity:
+                why = f"try {row.owner_try} of the same task instance fenced it out"
+            else:
+                why = f"{_describe_owner(row)} took it over (the lease had expired, or it was released)"
+        elif len(rows) < len(set(ids)):
+            why = "it was replaced by a newer run of the producer, or purged"
+        else:
+            why = "a newer try fenced it or its lease expired and another task took over"
+        anchor = taken[0] if taken else (rows[0] if rows else None)
+        if anchor is not None:
+            ref = Output(anchor.dag_id, anchor.run_id, anchor.task_id, anchor.map_index, anchor.key).ref(claimant.slot)
+        else:
+            ref = ItemRef(claimant.dag_id, claimant.run_id, "unknown", "unknown", claimant.slot)
+        return ClaimConflictError(
+            f"{claimant} no longer holds {count} of its {len(ids)} claimed item(s): {why}; nothing was consumed",
+            ref,
+        )
 
     # -- claim ------------------------------------------------------------------------------
 
@@ -445,6 +476,18 @@ def _chunks(rows: Iterable[_T], size: int) -> Iterator[list[_T]]:
         yield chunk
 
 
+class _NotHeld(Exception):
+    """Inside :meth:`Ledger.finish`: some claims are no longer held; abort the transaction."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+def _is_held_by(row: Any, claimant: Claimant) -> bool:
+    return _owner_of(row) == claimant.identity and row.owner_try == claimant.try_number
+
+
 def _owner_of(row: Any) -> tuple[str, str, str, int]:
     return (row.owner_dag_id, row.owner_run_id, row.owner_task_id, row.owner_map_index)
 
@@ -487,7 +530,10 @@ def _write_meta(conn: sa.Connection, name: str, value: str) -> None:
 
 
 def _secret(conn: sa.Connection) -> bytes:
-    value = conn.execute(q.get_meta("signing_secret")).scalar()
+    # Look before reading: on a never-migrated database the SELECT itself would fail with a
+    # raw ProgrammingError (PostgreSQL, MySQL) instead of saying what to do.
+    has_meta = sa.inspect(conn).has_table(meta.name)
+    value = conn.execute(q.get_meta("signing_secret")).scalar() if has_meta else None
     if value is None:
         raise LedgerUnavailableError("the claim ledger has no schema yet: run `exclusive-xcom db migrate`")
     return bytes.fromhex(value)

@@ -140,6 +140,12 @@ def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: in
     return sa.update(item).where(_held_by(ids, owner, try_number)).values(**_UNCLAIMED)
 
 
+def select_by_ids(ids: Sequence[int]) -> sa.Select:
+    """Rows by id, without payloads: who holds them now, when a finish found them lost."""
+    cols = [c for c in item.c if c.name != "payload"]
+    return sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id)
+
+
 def release_any(ids: Sequence[int]) -> sa.Update:
     """Operator's override (CLI ``release``): free a stuck claim whoever holds it."""
     return sa.update(item).where(item.c.id.in_(ids), item.c.state == CLAIMED).values(**_UNCLAIMED)

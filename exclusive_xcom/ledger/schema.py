@@ -68,6 +68,9 @@ item = sa.Table(
     sa.UniqueConstraint("output_id", "generation", "slot", "seq", name="uq_exclusive_xcom_item"),
     sa.Index("ix_exclusive_xcom_item_run", "dag_id", "run_id", "task_id"),
     sa.Index("ix_exclusive_xcom_item_state", "state", "created_at"),
+    # Ids are references held across transactions (a claimant's ids, the CLI's `release ID`):
+    # SQLite would hand a deleted row's id to the next insert without AUTOINCREMENT.
+    sqlite_autoincrement=True,
 )
 
 # Added in version 2: the claim path reads only rows that can still be claimed. Where the
@@ -82,6 +85,9 @@ claimable_index = sa.Index(
     postgresql_where=item.c.state != CONSUMED,
     sqlite_where=item.c.state != CONSUMED,
 )
+# An Index built from a table's columns attaches itself to that table, and then the v1 step
+# (create_all) would make it too: v1 must stay what version 1 was, only _v2 creates it.
+item.indexes.discard(claimable_index)
 
 
 def _v1(conn: sa.Connection) -> None:

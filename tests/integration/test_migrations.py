@@ -1,0 +1,248 @@
+"""The ledger schema is versioned: old ledgers are upgraded in place, racing migrators agree,
+and the configured ledger makes its own schema on first use."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import create_database, drop_database
+
+from exclusive_xcom import config
+from exclusive_xcom.errors import LedgerUnavailableError
+from exclusive_xcom.ledger import (
+    ITEMS,
+    Claimant,
+    ClaimRequest,
+    Ledger,
+    Output,
+    Production,
+    consumer_slot,
+    create_engine,
+)
+from exclusive_xcom.ledger.engine import _engines
+from exclusive_xcom.ledger.schema import MIGRATIONS, SCHEMA_VERSION, item, meta
+
+pytestmark = pytest.mark.timeout(120)
+
+CLAIMABLE_INDEX = "ix_exclusive_xcom_item_claimable"
+DAG, RUN = "migrate_dag", "manual__1"
+OUTPUT = Output(DAG, RUN, "produce")
+CONSUMERS = (consumer_slot(DAG, "drain"),)
+REQUEST = ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=5)
+MIGRATORS = 8
+
+
+def _indexes(engine: sa.Engine) -> set[str]:
+    # A new connection: an SQLite connection's PRAGMA index_list does not see indexes
+    # created by another connection after it first read the schema.
+    fresh = sa.create_engine(engine.url, poolclass=sa.NullPool)
+    try:
+        return {ix["name"] for ix in sa.inspect(fresh).get_indexes(item.name)}
+    finally:
+        fresh.dispose()
+
+
+def _meta_rows(engine: sa.Engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        return sorted((r.name, r.value) for r in conn.execute(sa.select(meta.c.name, meta.c.value)))
+
+
+def _make_v1(engine: sa.Engine) -> str:
+    """What a version-1 Ledger.migrate() left behind: v1 tables, version 1, its secret."""
+    secret = secrets.token_hex(32)
+    with engine.begin() as conn:
+        MIGRATIONS[0](conn)
+        conn.execute(sa.insert(meta).values(name="schema_version", value="1"))
+        conn.execute(sa.insert(meta).values(name="signing_secret", value=secret))
+    return secret
+
+
+def _produce(ledger: Ledger, n: int) -> None:
+    assert ledger.produce(Production(OUTPUT, 1, ITEMS, CONSUMERS, [f"v-{i}".encode() for i in range(n)])) == n
+
+
+def test_a_version_1_ledger_is_upgraded_in_place_keeping_its_rows(ledger_url: str) -> None:
+    engine = create_engine(ledger_url)
+    ledger = Ledger(engine)
+    secret = _make_v1(engine)
+    _produce(ledger, 12)
+    holder = Claimant(DAG, RUN, "drain", map_index=0)
+    held = ledger.claim(holder, [REQUEST]).ids  # a claim in flight across the upgrade
+    assert len(held) == 5
+    before = sorted((r["id"], r["seq"], r["state"]) for r in ledger.items())
+    assert ledger.schema_version() == 1
+    assert CLAIMABLE_INDEX not in _indexes(engine)
+    assert SCHEMA_VERSION >= 2
+
+    assert ledger.migrate() == SCHEMA_VERSION
+
+    assert ledger.schema_version() == SCHEMA_VERSION
+    assert CLAIMABLE_INDEX in _indexes(engine)
+    assert _meta_rows(engine) == [("schema_version", str(SCHEMA_VERSION)), ("signing_secret", secret)]
+    assert sorted((r["id"], r["seq"], r["state"]) for r in ledger.items()) == before
+    assert ledger.counts() == {"claimed": 5, "ready": 7}
+    # The claim made under version 1 is still good, and the rest can be drained.
+    ledger.finish(holder, held)
+    other = Claimant(DAG, RUN, "drain", map_index=1)
+    rest = ledger.claim(other, [ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=100)]).claims[0]
+    assert [p.decode() for p in rest.payloads] == [f"v-{i}" for i in range(5, 12)]
+    ledger.finish(other, rest.ids)
+    assert ledger.counts() == {"consumed": 12}
+
+    # Idempotent: migrating again changes nothing.
+    assert ledger.migrate() == SCHEMA_VERSION
+    assert ledger.migrate() == SCHEMA_VERSION
+    assert _meta_rows(engine) == [("schema_version", str(SCHEMA_VERSION)), ("signing_secret", secret)]
+    assert ledger.secret() == bytes.fromhex(secret)
+    assert ledger.counts() == {"consumed": 12}
+    engine.dispose()
+
+
+def test_a_fresh_database_is_created_at_the_current_version(ledger_url: str) -> None:
+    engine = create_engine(ledger_url)
+    ledger = Ledger(engine)
+    assert not sa.inspect(engine).has_table(item.name)
+    assert ledger.schema_version() == 0
+    with pytest.raises(
+        LedgerUnavailableError, match=r"^the claim ledger has no schema yet: run `exclusive-xcom db migrate`"
+    ):
+        ledger.secret()
+
+    assert ledger.migrate() == SCHEMA_VERSION
+
+    assert ledger.schema_version() == SCHEMA_VERSION
+    assert CLAIMABLE_INDEX in _indexes(engine)
+    secret = ledger.secret()
+    assert len(secret) == 32
+    assert ledger.migrate() == SCHEMA_VERSION
+    assert ledger.secret() == secret
+    engine.dispose()
+
+
+def _migrate_concurrently(url: str) -> list[int]:
+    """MIGRATORS threads, each with its own engine and pool, call migrate() at once."""
+    barrier = threading.Barrier(MIGRATORS)
+    results: list[int | BaseException] = [RuntimeError("did not finish")] * MIGRATORS
+    engines = [create_engine(url) for _ in range(MIGRATORS)]
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = Ledger(engines[i]).migrate()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(MIGRATORS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for engine in engines:
+        engine.dispose()
+    assert not any(t.is_alive() for t in threads), "a migrator hung"
+    failures = [f"migrator {i}: {r!r}" for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert not failures, "concurrent migrations failed:\n" + "\n".join(failures)
+    return [r for r in results if isinstance(r, int)]
+
+
+@pytest.mark.parametrize("start", ["fresh", "v1"])
+def test_concurrent_migrators_all_succeed_and_agree(backend: str, tmp_path: Path, start: str) -> None:
+    # Several rounds, each on a new database: the interleavings differ from round to round.
+    for round_ in range(3):
+        (tmp_path / f"r{round_}").mkdir()
+        url = create_database(backend, tmp_path / f"r{round_}")
+        try:
+            engine = create_engine(url)
+            secret = None
+            if start == "v1":
+                secret = _make_v1(engine)
+                _produce(Ledger(engine), 3)
+
+            assert _migrate_concurrently(url) == [SCHEMA_VERSION] * MIGRATORS
+
+            rows = _meta_rows(engine)
+            assert [name for name, _ in rows] == ["schema_version", "signing_secret"], rows
+            assert rows[0][1] == str(SCHEMA_VERSION)
+            if secret is not None:
+                assert rows[1][1] == secret, "the upgrade replaced the existing signing secret"
+            assert CLAIMABLE_INDEX in _indexes(engine)
+            ledger = Ledger(engine)
+            assert ledger.counts() == ({"ready": 3} if start == "v1" else {})
+            _produce(ledger, 4)  # replaces the 3 unconsumed ones
+            assert len(ledger.claim(Claimant(DAG, RUN, "drain"), [REQUEST]).ids) == 4
+            engine.dispose()
+        finally:
+            drop_database(backend, url)
+
+
+# -- the configured ledger -------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No [exclusive_xcom] option from the environment, a private $AIRFLOW_HOME, and a
+    fresh per-process "schema already made" cache."""
+    for name in config.OPTIONS:
+        monkeypatch.delenv(f"AIRFLOW__{config.SECTION.upper()}__{name.upper()}", raising=False)
+    home = tmp_path / "airflow_home"
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    monkeypatch.setattr(config, "_ready", set())
+    yield home
+
+
+def _forget_engine(url: str) -> None:
+    if (engine := _engines.pop(url, None)) is not None:
+        engine.dispose()
+
+
+def test_get_ledger_from_the_environment_makes_the_schema_on_first_use(
+    clean_config: Path, monkeypatch: pytest.MonkeyPatch, ledger_url: str
+) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN", ledger_url)
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__LEASE_SECONDS", "42")
+    probe = create_engine(ledger_url)
+    assert not sa.inspect(probe).has_table(item.name)
+
+    ledger = config.get_ledger()
+
+    assert ledger.engine.url.render_as_string(hide_password=False) == ledger_url
+    assert ledger.lease_seconds == 42
+    assert ledger.schema_version() == SCHEMA_VERSION
+    assert CLAIMABLE_INDEX in _indexes(probe)
+    again = config.get_ledger()
+    assert again.engine is ledger.engine, "one engine per process and URL"
+    _produce(again, 2)
+    assert len(again.claim(Claimant(DAG, RUN, "drain"), [REQUEST]).ids) == 2
+    assert not (clean_config / "exclusive_xcom.db").exists(), "an SQLite ledger was made although a URL is set"
+    probe.dispose()
+
+
+def test_get_ledger_with_nothing_set_is_an_sqlite_file_under_airflow_home(clean_config: Path) -> None:
+    from airflow.configuration import conf
+
+    # Airflow's config object is built once per process; it must not hold a ledger URL.
+    assert (conf.get("exclusive_xcom", "sql_alchemy_conn", fallback="") or "") == ""
+    assert (conf.get("exclusive_xcom", "conn_id", fallback="") or "") == ""
+    path = clean_config / "exclusive_xcom.db"
+    url = f"sqlite:///{path}"
+    assert not path.exists()
+    try:
+        ledger = config.get_ledger()
+
+        assert ledger.engine.url.render_as_string(hide_password=False) == url
+        assert path.is_file()
+        assert ledger.schema_version() == SCHEMA_VERSION
+        assert CLAIMABLE_INDEX in _indexes(ledger.engine)
+        _produce(ledger, 1)
+        assert len(ledger.claim(Claimant(DAG, RUN, "drain"), [REQUEST]).ids) == 1
+        # A second process (a fresh cache) finds the schema already there and keeps it.
+        secret = ledger.secret()
+        config._ready.clear()
+        assert config.get_ledger().secret() == secret
+    finally:
+        _forget_engine(url)
