@@ -8,7 +8,7 @@ from typing import Any
 from exclusive_xcom.decorator import _resolve_conf, from_conf
 from exclusive_xcom.errors import ClaimConflictError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY, is_handle
-from exclusive_xcom.runtime import Lost, Session, claimant_of, env
+from exclusive_xcom.runtime import Lost, Session, claimant_of, open_session
 
 
 def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) -> Any:
@@ -38,7 +38,7 @@ def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) ->
             f"the handle given belongs to {found.get('dag_id')}.{found.get('task_id')}, not "
             f"{dag_id or ti.dag_id}.{task_id}"
         )
-    session = Session(claimant_of(context), env())
+    session = open_session(context, [found])
     try:
         (value,) = session.claim([found], batch_size=100, max_items=None)
     except Lost as lost:

@@ -25,7 +25,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY
 from exclusive_xcom.ledger import MODES, consumer_slot
-from exclusive_xcom.runtime import Lost, Session, claimant_of, env, find_handles, is_final_try, replace_handles
+from exclusive_xcom.runtime import Lost, find_handles, is_final_try, open_session, replace_handles
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -122,9 +122,9 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
     # -- run time -----------------------------------------------------------------------------
 
     def execute(self, context: Any) -> Any:
-        session = Session(claimant_of(context), env())
         args = _resolve_conf([self.op_args, self.op_kwargs], context)
         found = find_handles(args)
+        session = open_session(context, found)
         if found:
             try:
                 values = session.claim(found, self.batch_size, self.max_items)

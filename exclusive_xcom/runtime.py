@@ -20,6 +20,7 @@ from typing import Any
 from exclusive_xcom import handle as handles
 from exclusive_xcom import payload
 from exclusive_xcom.config import Settings, get_ledger, load_settings, signing_secret
+from exclusive_xcom.errors import ExclusiveXComError, ItemRef, PayloadError
 from exclusive_xcom.handle import Handle
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimResult, Ledger, Output, Production
 
@@ -42,6 +43,26 @@ def _env_for(settings: Settings) -> Env:
 def env() -> Env:
     """Settings, ledger and signing secret of this process (built once per configuration)."""
     return _env_for(load_settings())
+
+
+def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] = ()) -> Session:
+    """A session for the running task instance, opening the ledger of this process.
+
+    Opening the ledger is the first database contact of a task (the schema check), and
+    it happens before any item is known; an error there still names the task and, when
+    the task has inputs, the first producer it was about to claim from.
+    """
+    claimant = claimant_of(context)
+    try:
+        return Session(claimant, env())
+    except ExclusiveXComError as exc:
+        if exc.ref is not None:
+            raise
+        first = found[0] if found else {}
+        producer = first.get("task_id", claimant.task_id)
+        consumer = claimant.task_id if found else "-"
+        ref = ItemRef(claimant.dag_id, claimant.run_id, str(producer), str(first.get("key", "return_value")), consumer)
+        raise type(exc)(str(exc), ref) from exc
 
 
 def claimant_of(context: Mapping[str, Any]) -> Claimant:
@@ -176,8 +197,6 @@ class Lost(Exception):
 
 
 def _iterable(value: Any, ref: Any) -> Iterator[Any]:
-    from exclusive_xcom.errors import PayloadError
-
     if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
         raise PayloadError(
             f"mode='items' needs an iterable return value (list, tuple, generator, ...), got {type(value).__name__}",

@@ -17,9 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 SERVERS = {
-    "postgres": os.environ.get(
-        "EXCLUSIVE_XCOM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    ),
+    "postgres": os.environ.get("EXCLUSIVE_XCOM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
     "mysql": os.environ.get("EXCLUSIVE_XCOM_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
 BACKENDS = ["sqlite", "postgres", "mysql"]

@@ -1,0 +1,44 @@
+"""Claims across retries, and a mapped producer whose handles reach one consumer."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, get_current_context
+
+from exclusive_xcom import exclusive_task
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+def e2e_retry():
+    @exclusive_task(consumers=["flaky"])
+    def make() -> dict:
+        return {"x": 7}
+
+    @exclusive_task(retries=2, retry_delay=timedelta(seconds=0))
+    def flaky(value: dict) -> int:
+        try_number = get_current_context()["ti"].try_number
+        print(f"flaky try {try_number} got {value}")
+        if try_number < 2:
+            raise RuntimeError("first try fails on purpose")
+        return value["x"]
+
+    flaky(make())
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+def e2e_mapped_producer():
+    @exclusive_task(consumers=["gather"])
+    def part(x: int) -> dict:
+        return {"x": x * 10}
+
+    @exclusive_task
+    def gather(parts: list) -> int:
+        return sum(p["x"] for p in parts)
+
+    gather(part.expand(x=[1, 2, 3]))
+
+
+retry_dag = e2e_retry()
+mapped_dag = e2e_mapped_producer()

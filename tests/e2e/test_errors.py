@@ -1,0 +1,136 @@
+"""Bad input under real Airflow is refused with a clear error, and nothing leaks or is lost.
+
+Bad decorator arguments (unknown mode, a consumer that is neither a str nor a Consumer,
+an unknown keyword) are covered at parse time by ``tests/unit/test_decorator_args.py``
+and are not repeated here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from exclusive_xcom import NotAuthorizedError
+from exclusive_xcom.handle import MARKER, RESERVED_KEY
+
+from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, ledger_rows
+
+pytestmark = pytest.mark.e2e
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$", re.MULTILINE)
+
+
+def final_exception(log: str) -> tuple[str, str]:
+    """Type and message of the exception a task failed with (the last of a chained traceback)."""
+    failed = log.split("Task failed with exception", 1)
+    assert len(failed) == 2, f"no task failed in this log:\n{log[-4000:]}"
+    found = _EXCEPTION_LINE.findall(failed[1])
+    assert found, f"no exception in the failure log:\n{failed[1][:4000]}"
+    return found[-1]
+
+
+def _import(path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(f"e2e_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_a_non_consumer_wired_to_the_output_fails_the_dag_file_import() -> None:
+    """Parse time needs no ledger, so this one is not parametrized over backends."""
+    with pytest.raises(NotAuthorizedError) as caught:
+        _import(TEST_DAGS / "intruder.py")
+    message = str(caught.value)
+    assert "task 'intruder' takes the exclusive output of 'producer'" in message
+    assert "not one of its consumers ['reader']" in message
+
+
+def test_an_unserializable_return_value_fails_the_producer_with_payload_error(
+    airflow: Airflow, ledger_url: str
+) -> None:
+    result = airflow.test([TEST_DAGS / "unserializable.py"], [{"dag_id": "e2e_unserializable"}], ledger_url)
+    run = result.run
+
+    assert run.state == "failed", result.tail()
+    assert run.states() == {"producer": "failed", "reader": "upstream_failed"}, result.tail()
+    kind, message = final_exception(run.log)
+    assert kind == "exclusive_xcom.errors.PayloadError", (kind, message)
+    assert "cannot serialize the return value (lock)" in message
+    assert f"[dag='e2e_unserializable' run='{run.run_id}' producer='producer' key='return_value'" in message
+    assert run.xcoms("producer") == [], "a failed producer pushes no handle"
+    assert ledger_rows(ledger_url) == [], "nothing half-written to the ledger"
+
+
+def test_claim_by_a_task_that_is_not_a_consumer_is_refused_at_run_time(airflow: Airflow, ledger_url: str) -> None:
+    result = airflow.test([TEST_DAGS / "claim_intruder.py"], [{"dag_id": "e2e_claim_intruder"}], ledger_url)
+    run = result.run
+
+    assert run.states() == {
+        "producer": "success",
+        "reader": "success",
+        "snoop_classic": "failed",
+        "snoop_plain": "failed",
+    }, result.tail()
+    for snoop in ("snoop_classic", "snoop_plain"):
+        section = run.log.split(f"starting task_id={snoop} ", 1)[1].split("[DAG TEST] end task", 1)[0]
+        kind, message = final_exception(section)
+        assert kind == "exclusive_xcom.errors.NotAuthorizedError", (snoop, kind, message)
+        assert f"task {snoop!r} of dag 'e2e_claim_intruder' is not a named consumer" in message
+        assert "allowed: e2e_claim_intruder/reader" in message
+        assert (
+            f"[dag='e2e_claim_intruder' run='{run.run_id}' producer='producer' key='return_value' "
+            f"consumer='e2e_claim_intruder/{snoop}']"
+        ) in message
+    assert "4111-1111" not in result.output
+
+    (row,) = ledger_rows(ledger_url)
+    assert (row["state"], row["owner_task_id"], row["payload"]) == ("consumed", "reader", None)
+    assert [x["value"] for x in run.xcoms("reader", "return_value")] == [19]
+
+
+def test_pulling_the_reserved_key_directly_yields_only_the_handle(airflow: Airflow, ledger_url: str) -> None:
+    result = airflow.test([TEST_DAGS / "xcom_peek.py"], [{"dag_id": "e2e_xcom_peek"}], ledger_url)
+    run = result.run
+
+    assert run.state == "success", result.tail()
+    assert run.states() == {"producer": "success", "reader": "success", "peek": "success"}, result.tail()
+    (handle,) = [x["value"] for x in run.xcoms("producer", RESERVED_KEY)]
+    (peeked,) = [x["value"] for x in run.xcoms("peek", "return_value")]
+    assert peeked == handle, "the peeking task gets the handle and nothing else"
+    assert peeked[MARKER] == 1
+    assert set(peeked) == {MARKER, "dag_id", "run_id", "task_id", "map_index", "key", "generation", "mode"} | {
+        "consumers",
+        "sig",
+    }
+    assert "peek got: " + json.dumps(peeked, sort_keys=True) in run.log
+    assert "hunter2-e2e-secret" not in result.output, "the payload never reaches a log"
+    assert "hunter2-e2e-secret" not in json.dumps(run.xcom), "the payload never reaches the xcom table"
+
+    (row,) = ledger_rows(ledger_url)
+    assert (row["state"], row["owner_task_id"]) == ("consumed", "reader")
+
+
+def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(airflow: Airflow) -> None:
+    """One backend is enough: the ledger is a PostgreSQL URL on a port where nothing listens."""
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/nope"
+    result = airflow.test([EXAMPLE_DAGS / "exclusive_etl.py"], [{"dag_id": "exclusive_etl"}], url)
+    run = result.run
+
+    assert run.state == "failed", result.tail()
+    assert run.states() == {"extract": "failed", "transform": "upstream_failed", "load": "upstream_failed"}, (
+        result.tail()
+    )
+    kind, message = final_exception(run.log)
+    assert kind == "exclusive_xcom.errors.LedgerUnavailableError", (kind, message, result.tail())
+    assert "postgresql+psycopg://postgres@127.0.0.1:1/nope" in message
+    assert "nothing was claimed, consumed or written" in message
+    assert "[dag='exclusive_etl' run=" in message and "producer='extract' key='return_value'" in message
+    assert run.xcoms("extract") == []

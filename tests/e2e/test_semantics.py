@@ -1,0 +1,33 @@
+"""Claim rules that need a real Airflow: retries keep claims; mapped producers fan in."""
+
+from __future__ import annotations
+
+import pytest
+
+from .harness import TEST_DAGS, Airflow, ledger_rows
+
+pytestmark = pytest.mark.e2e
+
+DAGS = TEST_DAGS / "retry_and_mapped.py"
+
+
+def test_a_failed_try_keeps_its_claim_and_the_retry_consumes_it(airflow: Airflow, ledger_url: str) -> None:
+    result = airflow.test([DAGS], [{"dag_id": "e2e_retry"}], ledger_url)
+    run = result.run
+    assert run.state == "success", result.tail()
+    assert "flaky try 1 got {'x': 7}" in run.log and "flaky try 2 got {'x': 7}" in run.log, result.tail()
+    assert "keeps 1 claim(s) for its retry" in run.log
+    (flaky,) = [t for t in run.tis if t["task_id"] == "flaky"]
+    assert flaky["try_number"] == 2, flaky
+    (row,) = ledger_rows(ledger_url)
+    assert (row["state"], row["owner_task_id"], row["owner_try"]) == ("consumed", "flaky", 2)
+
+
+def test_a_mapped_producer_hands_every_instance_to_its_consumer(airflow: Airflow, ledger_url: str) -> None:
+    result = airflow.test([DAGS], [{"dag_id": "e2e_mapped_producer"}], ledger_url)
+    run = result.run
+    assert run.state == "success", result.tail()
+    assert run.states() == {"part[0]": "success", "part[1]": "success", "part[2]": "success", "gather": "success"}
+    rows = ledger_rows(ledger_url)
+    assert sorted(r["map_index"] for r in rows) == [0, 1, 2]
+    assert {(r["state"], r["owner_task_id"]) for r in rows} == {("consumed", "gather")}
