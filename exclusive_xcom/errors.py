@@ -8,6 +8,8 @@ Each class's docstring is its default message.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -37,6 +39,18 @@ class ExclusiveXComError(Exception):
             text = f"{text} [{ref.describe()}]"
         super().__init__(text)
         self.ref = ref
+
+
+@contextmanager
+def named(ref: ItemRef) -> Iterator[None]:
+    """Attach ``ref`` to an error raised where the item was not known (e.g. the database
+    went away between statements), so every message still names who was involved."""
+    try:
+        yield
+    except ExclusiveXComError as exc:
+        if exc.ref is not None:
+            raise
+        raise type(exc)(str(exc), ref) from exc
 
 
 class NotAuthorizedError(ExclusiveXComError):

@@ -20,7 +20,7 @@ from typing import Any
 from exclusive_xcom import handle as handles
 from exclusive_xcom import payload
 from exclusive_xcom.config import Settings, get_ledger, load_settings, signing_secret
-from exclusive_xcom.errors import ExclusiveXComError, ItemRef, PayloadError
+from exclusive_xcom.errors import ItemRef, PayloadError, named
 from exclusive_xcom.handle import Handle
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimResult, Ledger, Output, Production
 
@@ -53,16 +53,16 @@ def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] 
     the task has inputs, the first producer it was about to claim from.
     """
     claimant = claimant_of(context)
-    try:
+    first = found[0] if found else {}
+    ref = ItemRef(
+        claimant.dag_id,
+        claimant.run_id,
+        str(first.get("task_id", claimant.task_id)),
+        str(first.get("key", "return_value")),
+        claimant.task_id if found else "-",
+    )
+    with named(ref):
         return Session(claimant, env())
-    except ExclusiveXComError as exc:
-        if exc.ref is not None:
-            raise
-        first = found[0] if found else {}
-        producer = first.get("task_id", claimant.task_id)
-        consumer = claimant.task_id if found else "-"
-        ref = ItemRef(claimant.dag_id, claimant.run_id, str(producer), str(first.get("key", "return_value")), consumer)
-        raise type(exc)(str(exc), ref) from exc
 
 
 def claimant_of(context: Mapping[str, Any]) -> Claimant:
@@ -86,6 +86,7 @@ class Session:
     claimant: Claimant
     env: Env
     ids: list[int] = field(default_factory=list)
+    inputs: list[Handle] = field(default_factory=list)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class Session:
         another consumer.
         """
         parsed = [handles.parse(h, self.env.secret) for h in found]
+        self.inputs.extend(parsed)
         first = min(batch_size, max_items) if max_items else batch_size
         result = self.env.ledger.claim(self.claimant, [h.request(first) for h in parsed])
         if result.lost:
@@ -158,7 +160,8 @@ class Session:
             thread.join(timeout=5)
 
     def finish(self, productions: Sequence[Production] = ()) -> None:
-        self.env.ledger.finish(self.claimant, self.ids, productions)
+        with named(self._ref(productions)):
+            self.env.ledger.finish(self.claimant, self.ids, productions)
         if self.ids:
             log.info("exclusive_xcom: %s consumed %d item(s)", self.claimant, len(self.ids))
 
@@ -174,6 +177,14 @@ class Session:
             log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
         except Exception as exc:  # the lease frees them anyway; do not mask the task's own error
             log.warning("exclusive_xcom: could not release claims (their lease will expire): %s", exc)
+
+    def _ref(self, productions: Sequence[Production] = ()) -> ItemRef:
+        """Whom an error of this session names: its first input, else its own output."""
+        if self.inputs:
+            return self.inputs[0].output.ref(self.claimant.slot)
+        if productions:
+            return productions[0].output.ref()
+        return ItemRef(self.claimant.dag_id, self.claimant.run_id, "-", "-", self.claimant.slot)
 
     # -- outputs ----------------------------------------------------------------------------
 

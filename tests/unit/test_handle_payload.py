@@ -66,3 +66,21 @@ def test_handles_are_found_and_replaced_anywhere_in_arguments() -> None:
     args = [[h1, 5], {"nested": {"deep": [h2]}, "plain": "x"}]
     assert find_handles(args) == [h1, h2]
     assert replace_handles(args, ["A", "B"]) == [["A", 5], {"nested": {"deep": ["B"]}, "plain": "x"}]
+
+
+def test_named_attaches_who_was_involved_to_an_error_that_did_not_know() -> None:
+    from exclusive_xcom.errors import ItemRef, LedgerUnavailableError, named
+
+    ref = ItemRef("d", "r", "producer", "return_value", "consumer")
+    with pytest.raises(LedgerUnavailableError) as caught, named(ref):
+        raise LedgerUnavailableError("the claim ledger at sqlite:///x failed")
+    assert str(caught.value) == (
+        "the claim ledger at sqlite:///x failed "
+        "[dag='d' run='r' producer='producer' key='return_value' consumer='consumer']"
+    )
+    assert caught.value.ref == ref
+
+    already = ItemRef("d", "r", "other", "k", "c")
+    with pytest.raises(LedgerUnavailableError) as kept, named(ref):
+        raise LedgerUnavailableError("down", already)
+    assert kept.value.ref == already and str(kept.value).count("[dag=") == 1
