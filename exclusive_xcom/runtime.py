@@ -48,9 +48,9 @@ def env() -> Env:
 def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] = ()) -> Session:
     """A session for the running task instance, opening the ledger of this process.
 
-    Opening the ledger is the first database contact of a task (the schema check), and
-    it happens before any item is known; an error there still names the task and, when
-    the task has inputs, the first producer it was about to claim from.
+    Opening the ledger is the first database contact of a task (the schema check, then
+    the try's fence), and it happens before any item is known; an error there still
+    names the task and, when the task has inputs, the first producer it was to claim from.
     """
     claimant = claimant_of(context)
     first = found[0] if found else {}
@@ -62,7 +62,9 @@ def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] 
         claimant.task_id if found else "-",
     )
     with named(ref):
-        return Session(claimant, env())
+        session = Session(claimant, env())
+        session.env.ledger.enter(claimant)  # from here on, older tries are fenced out
+        return session
 
 
 def claimant_of(context: Mapping[str, Any]) -> Claimant:

@@ -92,6 +92,11 @@ class Claimant:
     def slot(self) -> str:
         return consumer_slot(self.dag_id, self.task_id)
 
+    @property
+    def ti_key(self) -> str:
+        """The task instance's key in the fence table (tries share it)."""
+        return sha256(json.dumps(list(self.identity)).encode()).hexdigest()
+
     def __str__(self) -> str:
         index = "" if self.map_index < 0 else f"[{self.map_index}]"
         return f"{self.dag_id}/{self.run_id}/{self.task_id}{index} try {self.try_number}"
@@ -180,6 +185,32 @@ class Ledger:
         """This ledger's own signing key, made once; used when no secret is configured."""
         return self._run(_secret)
 
+    # -- tries ------------------------------------------------------------------------------
+
+    def enter(self, claimant: Claimant) -> None:
+        """Record that this try has begun; from now on older tries are fenced out.
+
+        Raises :class:`ClaimConflictError` if a newer try of the same task instance has
+        already begun (this one is the zombie).
+        """
+
+        def tx(conn: sa.Connection) -> None:
+            now = self._now()
+            newest = conn.execute(q.lock_fence(claimant.ti_key)).scalar()
+            if newest is None:
+                conn.execute(q.insert_fence(claimant.ti_key, claimant.try_number, now))
+            elif newest > claimant.try_number:
+                raise _fenced(claimant, newest)
+            elif newest < claimant.try_number:
+                conn.execute(q.raise_fence(claimant.ti_key, claimant.try_number, now))
+
+        for attempt in range(2):
+            try:
+                return self._run(tx)
+            except sa.exc.IntegrityError:  # two tries inserted the first fence row at once
+                if attempt:
+                    raise
+
     # -- produce ----------------------------------------------------------------------------
 
     def produce(self, production: Production) -> int:
@@ -195,9 +226,12 @@ class Ledger:
 
         def tx(conn: sa.Connection) -> None:
             now = self._now()
+            if productions:  # a zombie must not replace the new try's output
+                _check_fence(conn, claimant, productions[0].output.ref())
             if ids:
-                done = conn.execute(q.mark_consumed(ids, claimant.identity, claimant.try_number, now))
+                done = conn.execute(q.mark_consumed(ids, claimant.identity, claimant.try_number, now, claimant.ti_key))
                 if done.rowcount != len(ids):
+                    _check_fence(conn, claimant)
                     raise _NotHeld(len(ids) - done.rowcount)  # rolls back what was marked
             for production in productions:
                 _produce(conn, production, now)
@@ -259,7 +293,11 @@ class Ledger:
             if result.lost or not result.ids:
                 return result
             lease = now + timedelta(seconds=self.lease_seconds)
-            conn.execute(q.mark_claimed(result.ids, claimant.identity, claimant.try_number, now, lease))
+            stmt = q.mark_claimed(result.ids, claimant.identity, claimant.try_number, now, lease, claimant.ti_key)
+            if conn.execute(stmt).rowcount != len(result.ids):
+                # The rows are locked by this transaction: only the fence can have refused.
+                _check_fence(conn, claimant, requests[0].output.ref(claimant.slot))
+                raise AssertionError("claimed rows changed under their row locks")
             return result
 
         result = self._run(tx, requests[0].output.ref(claimant.slot) if requests else None)
@@ -417,9 +455,26 @@ def _claimable(row: Any, claimant: Claimant, request: ClaimRequest, now: datetim
 
 def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest, now: datetime) -> Claimed:
     out = request.output
-    rows = conn.execute(
-        q.lock_batch(out.output_id, request.generation, claimant.identity, claimant.try_number, now, request.limit)
-    ).all()
+    rows: list[Any] = []
+    if claimant.try_number > 1:  # a retry takes back what its earlier tries held, first
+        rows = list(
+            conn.execute(
+                q.lock_own_earlier(
+                    out.output_id, request.generation, claimant.identity, claimant.try_number, request.limit
+                )
+            )
+        )
+    if len(rows) < request.limit:
+        more = q.lock_batch(
+            out.output_id,
+            request.generation,
+            claimant.identity,
+            claimant.try_number,
+            now,
+            request.limit - len(rows),
+            exclude=[r.id for r in rows],
+        )
+        rows.extend(conn.execute(more))
     claimed = Claimed(request)
     for row in rows:
         _authorize(claimant, request, json.loads(row.consumers))
@@ -474,6 +529,21 @@ def _chunks(rows: Iterable[_T], size: int) -> Iterator[list[_T]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _check_fence(conn: sa.Connection, claimant: Claimant, ref: ItemRef | None = None) -> None:
+    newest = conn.execute(q.lock_fence(claimant.ti_key)).scalar()
+    if newest is not None and newest > claimant.try_number:
+        raise _fenced(claimant, newest, ref)
+
+
+def _fenced(claimant: Claimant, newest: int, ref: ItemRef | None = None) -> ClaimConflictError:
+    """Without ``ref`` the caller (a task's session) names the items involved."""
+    return ClaimConflictError(
+        f"{claimant} is fenced out: try {newest} of the same task instance has begun, so this older try "
+        "can no longer claim, consume or produce anything (nothing was changed)",
+        ref,
+    )
 
 
 class _NotHeld(Exception):

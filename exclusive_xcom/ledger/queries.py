@@ -14,7 +14,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT, item, meta
+from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT, fence, item, meta
 
 _CLAIM_COLUMNS = (
     item.c.id,
@@ -60,7 +60,13 @@ def peek_slot(output_id: str, generation: int, slot: str) -> sa.Select:
 
 
 def lock_batch(
-    output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int, now: datetime, limit: int
+    output_id: str,
+    generation: int,
+    owner: tuple[str, str, str, int],
+    try_number: int,
+    now: datetime,
+    limit: int,
+    exclude: Sequence[int] = (),
 ) -> sa.Select:
     """Lock up to ``limit`` claimable items of a shared pool (mode items), lowest seq first.
 
@@ -87,6 +93,7 @@ def lock_batch(
             item.c.slot == SHARED_SLOT,
             item.c.state != CONSUMED,
             claimable,
+            *([item.c.id.not_in(exclude)] if exclude else []),
         )
         .order_by(item.c.seq)
         .limit(limit)
@@ -94,13 +101,60 @@ def lock_batch(
     )
 
 
+def lock_own_earlier(
+    output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int, limit: int
+) -> sa.Select:
+    """What earlier tries of this task instance still hold: a retry takes these back first."""
+    return (
+        sa.select(*_CLAIM_COLUMNS)
+        .where(
+            item.c.output_id == output_id,
+            item.c.generation == generation,
+            item.c.slot == SHARED_SLOT,
+            item.c.state == CLAIMED,
+            _owner_is(*owner),
+            item.c.owner_try < try_number,
+        )
+        .order_by(item.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def not_fenced(ti_key: str, try_number: int) -> sa.ColumnElement[bool]:
+    """True unless a newer try of the task instance has begun; checked inside each write."""
+    newer = sa.select(fence.c.ti_key).where(fence.c.ti_key == ti_key, fence.c.try_number > try_number)
+    return ~sa.exists(newer)
+
+
+def lock_fence(ti_key: str) -> sa.Select:
+    return sa.select(fence.c.try_number).where(fence.c.ti_key == ti_key).with_for_update()
+
+
+def insert_fence(ti_key: str, try_number: int, now: datetime) -> sa.Insert:
+    return sa.insert(fence).values(ti_key=ti_key, try_number=try_number, updated_at=now)
+
+
+def raise_fence(ti_key: str, try_number: int, now: datetime) -> sa.Update:
+    return (
+        sa.update(fence)
+        .where(fence.c.ti_key == ti_key, fence.c.try_number < try_number)
+        .values(try_number=try_number, updated_at=now)
+    )
+
+
 def mark_claimed(
-    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime, lease: datetime
+    ids: Sequence[int],
+    owner: tuple[str, str, str, int],
+    try_number: int,
+    now: datetime,
+    lease: datetime,
+    ti_key: str,
 ) -> sa.Update:
     dag_id, run_id, task_id, map_index = owner
     return (
         sa.update(item)
-        .where(item.c.id.in_(ids))
+        .where(item.c.id.in_(ids), not_fenced(ti_key, try_number))
         .values(
             state=CLAIMED,
             owner_dag_id=dag_id,
@@ -124,10 +178,12 @@ def _held_by(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: i
     )
 
 
-def mark_consumed(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime) -> sa.Update:
+def mark_consumed(
+    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime, ti_key: str
+) -> sa.Update:
     return (
         sa.update(item)
-        .where(_held_by(ids, owner, try_number))
+        .where(_held_by(ids, owner, try_number), not_fenced(ti_key, try_number))
         .values(state=CONSUMED, consumed_at=now, lease_expires_at=None, payload=None)
     )
 

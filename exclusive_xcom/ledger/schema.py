@@ -90,6 +90,18 @@ claimable_index = sa.Index(
 item.indexes.discard(claimable_index)
 
 
+# Added in version 3: the newest try of each task instance that has touched the ledger.
+# Claims and finishes check it inside their own statements, so once a new try has begun
+# an older one (a zombie) can neither claim nor consume nor produce anything more.
+fence = sa.Table(
+    "exclusive_xcom_fence",
+    metadata,
+    sa.Column("ti_key", sa.String(64), primary_key=True),  # sha256 of (dag, run, task, map_index)
+    sa.Column("try_number", sa.Integer(), nullable=False),
+    sa.Column("updated_at", _Time, nullable=False),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[meta, item], checkfirst=True)
 
@@ -98,5 +110,9 @@ def _v2(conn: sa.Connection) -> None:
     claimable_index.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
+def _v3(conn: sa.Connection) -> None:
+    fence.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)

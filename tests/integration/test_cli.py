@@ -8,6 +8,7 @@ import pytest
 
 from exclusive_xcom.cli import main
 from exclusive_xcom.ledger import Claimant, ClaimRequest, Ledger, Output, Production, consumer_slot, create_engine
+from exclusive_xcom.ledger.schema import SCHEMA_VERSION
 
 DAG, RUN = "cli_dag", "manual__1"
 READER = consumer_slot(DAG, "reader")
@@ -36,7 +37,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 def test_db_migrate_reports_the_schema_version(ledger_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "--url", ledger_url, "db", "migrate")
     assert code == 0
-    assert "schema version 2" in out
+    assert f"schema version {SCHEMA_VERSION}" in out
 
 
 def test_ls_show_and_stats(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:

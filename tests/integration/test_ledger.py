@@ -665,3 +665,42 @@ def test_racing_claimants_never_share_an_item(ledger: Ledger) -> None:
     drained = [p for batch in race(4, drain) for p in batch]
     assert sorted(drained) == sorted(str(i).encode() for i in range(n))
     assert ledger.counts() == {CLAIMED: 1, CONSUMED: n}
+
+
+def test_once_a_newer_try_has_begun_the_older_can_neither_claim_nor_consume_nor_produce(ledger: Ledger) -> None:
+    produce(ledger, ITEMS, ["work"], [f"i{n}".encode() for n in range(10)])
+    zombie, fresh = who("work", 1), who("work", 2)
+    ledger.enter(zombie)
+    held = claim(ledger, zombie, request(ITEMS, ["work"], limit=3)).ids
+    assert len(held) == 3
+
+    ledger.enter(fresh)  # try 2 begins while try 1 still runs somewhere
+
+    for attempt in (
+        lambda: claim(ledger, zombie, request(ITEMS, ["work"], limit=3)),
+        lambda: ledger.finish(zombie, held),
+        lambda: ledger.finish(zombie, [], [production(EACH, ["load"], [b"late"], output=Output(DAG, RUN, "work"))]),
+        lambda: ledger.enter(zombie),
+    ):
+        with pytest.raises(ClaimConflictError, match=r"is fenced out: try 2 of the same task instance has begun"):
+            attempt()
+    assert state_of(ledger, held) == [CLAIMED] * 3
+    assert not [r for r in rows(ledger).values() if r["task_id"] == "work"], "the zombie's output was written"
+
+    got = claim(ledger, fresh, request(ITEMS, ["work"], limit=100))
+    assert sorted(got.ids)[:3] == sorted(held)  # the new try took over what the zombie held
+    ledger.finish(fresh, got.ids)
+    assert ledger.counts() == {CONSUMED: 10}
+
+
+def test_a_retry_takes_back_its_own_earlier_claims_before_fresh_items(ledger: Ledger) -> None:
+    produce(ledger, ITEMS, ["work"], [f"i{n}".encode() for n in range(20)])
+    first = claim(ledger, who("work", 1, map_index=0), request(ITEMS, ["work"], limit=5)).ids
+    other = claim(ledger, who("work", 1, map_index=1), request(ITEMS, ["work"], limit=5)).ids
+
+    retry = who("work", 2, map_index=0)
+    again = claim(ledger, retry, request(ITEMS, ["work"], limit=3)).ids
+    assert set(again) < set(first)
+    rest = claim(ledger, retry, request(ITEMS, ["work"], limit=4)).ids
+    assert set(first) - set(again) <= set(rest) and not set(rest) & set(other)
+    assert len(rest) == 4
