@@ -40,5 +40,22 @@ def e2e_mapped_producer():
     gather(part.expand(x=[1, 2, 3]))
 
 
+@dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+def e2e_queue_final_failure():
+    @exclusive_task(consumers=["work"], mode="items")
+    def enqueue() -> list[int]:
+        return list(range(40))
+
+    @exclusive_task(batch_size=10, retries=0)
+    def work(items: list[int], shard: int) -> int:
+        print(f"shard {shard} claimed {len(items)} item(s)")
+        if shard == 0:
+            raise RuntimeError("shard 0 fails for good")
+        return len(items)
+
+    work.partial(items=enqueue()).expand(shard=[0, 1])
+
+
 retry_dag = e2e_retry()
+queue_dag = e2e_queue_final_failure()
 mapped_dag = e2e_mapped_producer()
