@@ -226,8 +226,8 @@ class Ledger:
 
         def tx(conn: sa.Connection) -> None:
             now = self._now()
-            if productions:  # a zombie must not replace the new try's output
-                _check_fence(conn, claimant, productions[0].output.ref())
+            if productions or not ids:  # a zombie must not replace the new try's output
+                _check_fence(conn, claimant, productions[0].output.ref() if productions else None)
             if ids:
                 done = conn.execute(q.mark_consumed(ids, claimant.identity, claimant.try_number, now, claimant.ti_key))
                 if done.rowcount != len(ids):
@@ -240,6 +240,33 @@ class Ledger:
             self._run(tx)
         except _NotHeld as lost:
             raise self._not_held(claimant, ids, lost.count) from None
+        except LedgerUnavailableError as exc:
+            # The connection may have dropped after the server committed (a lost COMMIT
+            # acknowledgement): look again before reporting a failure that did not happen.
+            if not self._finished(claimant, ids, productions, exc):
+                raise
+
+    def _finished(
+        self, claimant: Claimant, ids: Sequence[int], productions: Sequence[Production], exc: ExclusiveXComError
+    ) -> bool:
+        """Whether this very finish committed: its inputs consumed by this try, or its output written."""
+        try:
+            if ids:
+                rows = self._run(lambda conn: conn.execute(q.select_by_ids(ids)).all())
+                return len(rows) == len(set(ids)) and all(
+                    r.state == CONSUMED and _is_held_by(r, claimant) for r in rows
+                )
+            if productions:
+                out = productions[0]
+                stmt = q.count_output(out.output.output_id, out.generation)
+                return bool(self._run(lambda conn: conn.execute(stmt).scalar_one()))
+        except LedgerUnavailableError:
+            raise LedgerUnavailableError(
+                f"{exc}; whether this finish committed is unknown, as the ledger stayed unreachable: its "
+                "items are either still held by this try (a retry takes them back) or consumed by it",
+                exc.ref,
+            ) from exc
+        return False
 
     def _not_held(self, claimant: Claimant, ids: Sequence[int], count: int) -> ClaimConflictError:
         """The error for a finish that lost claims: who has them now, and whose output they are."""
@@ -290,7 +317,10 @@ class Ledger:
                 claimed, lost = _claim_one(conn, claimant, request, now)
                 result.claims.append(claimed)
                 result.lost.extend(lost)
-            if result.lost or not result.ids:
+            if result.lost:
+                return result
+            if not result.ids:  # a zombie that finds nothing is still fenced out
+                _check_fence(conn, claimant, requests[0].output.ref(claimant.slot) if requests else None)
                 return result
             lease = now + timedelta(seconds=self.lease_seconds)
             stmt = q.mark_claimed(result.ids, claimant.identity, claimant.try_number, now, lease, claimant.ti_key)

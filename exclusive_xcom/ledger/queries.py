@@ -202,6 +202,10 @@ def select_by_ids(ids: Sequence[int]) -> sa.Select:
     return sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id)
 
 
+def count_output(output_id: str, generation: int) -> sa.Select:
+    return sa.select(sa.func.count()).where(item.c.output_id == output_id, item.c.generation == generation)
+
+
 def release_any(ids: Sequence[int]) -> sa.Update:
     """Operator's override (CLI ``release``): free a stuck claim whoever holds it."""
     return sa.update(item).where(item.c.id.in_(ids), item.c.state == CLAIMED).values(**_UNCLAIMED)
