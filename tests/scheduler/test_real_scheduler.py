@@ -1,0 +1,371 @@
+"""A work queue under a real Airflow 3: scheduler, DAG processor and API server, LocalExecutor.
+
+``dag.test()`` runs one task at a time, so it never shows mapped consumers racing for the
+same items. This test starts the three Airflow services as separate process groups, with
+the metadata DB in a fresh PostgreSQL database and the claim ledger in another fresh
+database (PostgreSQL or MariaDB), triggers ``example_dags/exclusive_parallel_queue.py``
+(5,000 orders, 4 mapped ``charge`` workers, batches of 25) through the CLI, waits for the
+run to finish, and checks two independent accounts of what happened:
+
+* the ledger: every order is one row, consumed exactly once, by one of the four mapped
+  workers, nothing left ready or claimed, and more than one worker owns orders;
+* Airflow's own records: the run and all five task instances succeeded, and what each
+  worker's function received (its return value in XCom) matches what the ledger says it
+  consumed.
+
+Every process is torn down by the test itself (each service's process group, then every
+process that still carries this test's ``AIRFLOW_HOME``, which catches task processes in
+their own groups), also when the test fails; a failure message carries the tail of the
+service and task logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import sqlalchemy as sa
+from conftest import create_database, drop_database
+
+pytestmark = [pytest.mark.scheduler, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_FILE = REPO / "example_dags" / "exclusive_parallel_queue.py"
+DAG_ID = "exclusive_parallel_queue"
+PRODUCER, CONSUMER = "enqueue", "charge"
+ORDERS = 5000
+WORKERS = 4
+PARALLELISM = 8
+
+SERVICES = ("scheduler", "dag-processor", "api-server")
+# Time budget (s), within the 420 s test timeout, teardown included.
+MIGRATE_DEADLINE = 90.0  # `airflow db migrate` (takes a few seconds)
+START_DEADLINE = 90.0  # API server answering and the DAG serialized
+RUN_DEADLINE = 180.0  # the triggered run reaching a final state (takes a few seconds)
+STOP_GRACE = 15.0  # between SIGTERM and SIGKILL
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"({path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Deployment:
+    """One Airflow installation: its home, its environment and its three services."""
+
+    def __init__(self, home: Path, metadata_url: str, ledger_url: str) -> None:
+        self.home = home
+        self.dags = home / "dags"
+        self.dags.mkdir(parents=True)
+        shutil.copyfile(DAG_FILE, self.dags / DAG_FILE.name)
+        self.metadata_url = metadata_url
+        self.port = _free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        url = sa.make_url(metadata_url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env.update(
+            AIRFLOW_HOME=str(home),
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url.render_as_string(hide_password=False),
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=url.set(drivername="postgresql+psycopg_async").render_as_string(
+                hide_password=False
+            ),
+            AIRFLOW__CORE__DAGS_FOLDER=str(self.dags),
+            AIRFLOW__CORE__LOAD_EXAMPLES="False",
+            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+            AIRFLOW__CORE__PARALLELISM=str(PARALLELISM),
+            AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{self.port}/execution/",
+            AIRFLOW__API__HOST="127.0.0.1",
+            AIRFLOW__API__PORT=str(self.port),
+            AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{self.port}",
+            AIRFLOW__API__WORKERS="1",
+            AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
+            AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
+            AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+            AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
+            AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
+            AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN=ledger_url,
+            AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH=f"file://{home / 'offload'}",
+            EXCLUSIVE_PARALLEL_QUEUE_ORDERS=str(ORDERS),
+            PYTHONUNBUFFERED="1",
+        )
+        self.env = env
+
+    # -- processes ------------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """Run ``airflow <args>`` to completion; its output, or a failure with it."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "airflow", *args],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"airflow {' '.join(args)} failed ({proc.returncode}):\n{output[-4000:]}"
+        return output
+
+    def start(self) -> None:
+        for service in SERVICES:
+            args = [service] + (["--port", str(self.port), "--host", "127.0.0.1"] if service == "api-server" else [])
+            out = (self.home / f"{service}.out").open("wb")
+            self.procs[service] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", *args],
+                env=self.env,
+                cwd=self.home,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, which stop() kills as a whole
+            )
+            out.close()
+
+    def check_alive(self) -> None:
+        for service, proc in self.procs.items():
+            code = proc.poll()
+            assert code is None, f"airflow {service} exited with {code}{self.logs()}"
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Every live process of this deployment.
+
+        That is every process in the session of one of the services (each was started with
+        ``start_new_session``; the supervisor moves task processes into process groups of
+        their own, but they stay in the session), and, in case one called ``setsid``, every
+        process whose environment has this ``AIRFLOW_HOME``. Airflow renames its processes
+        with ``setproctitle``, which overwrites the ``/proc/<pid>/environ`` of most of them,
+        so the environment alone would miss them.
+        """
+        sessions = {proc.pid for proc in self.procs.values()}
+        found = []
+        for proc in psutil.process_iter():
+            if proc.pid == os.getpid():
+                continue
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue  # already dead; its parent (or init) reaps it
+                if os.getsid(proc.pid) in sessions or proc.environ().get("AIRFLOW_HOME") == str(self.home):
+                    found.append(proc)
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    def stop(self) -> list[str]:
+        """Stop every process of this deployment; the ones that outlived SIGKILL (should be none).
+
+        SIGTERM goes to each service's process group (while its leader, our child, is not
+        reaped, so the group id cannot have been reused); after the grace period SIGKILL goes
+        to every process of the deployment that is still alive (see :meth:`leftovers`), e.g.
+        LocalExecutor workers still waiting for their task, and the task processes.
+        """
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        for leftover in self.leftovers():
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+        _, alive = psutil.wait_procs(self.leftovers(), timeout=10)
+        survivors = []
+        for leftover in alive:
+            with contextlib.suppress(psutil.Error):
+                survivors.append(f"{leftover.pid}: {' '.join(leftover.cmdline())}")
+        return survivors
+
+    # -- what happened ----------------------------------------------------------------------
+
+    def logs(self, lines: int = 40) -> str:
+        parts = [f"\n--- {s} (last {lines} lines) ---\n{_tail(self.home / f'{s}.out', lines)}" for s in SERVICES]
+        for path in sorted((self.home / "logs").glob(f"dag_id={DAG_ID}/**/*.log")):
+            parts.append(f"\n--- {path.relative_to(self.home / 'logs')} (last {lines} lines) ---\n{_tail(path, lines)}")
+        return "".join(parts)
+
+
+def _wait_for(what: str, check: Any, deadline: float, deployment: Deployment) -> Any:
+    """Poll ``check()`` until it returns something truthy, or fail with the logs."""
+    end = time.monotonic() + deadline
+    last_error: Exception | None = None
+    while time.monotonic() < end:
+        deployment.check_alive()
+        try:
+            if value := check():
+                return value
+        except Exception as exc:  # not up yet (connection refused, table missing, ...)
+            last_error = exc
+        time.sleep(1)
+    pytest.fail(f"timed out after {deadline:.0f} s waiting for {what} (last error: {last_error}){deployment.logs()}")
+
+
+def _api_healthy(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/execution/health", timeout=5) as response:
+        return response.status == 200
+
+
+def _scalar(engine: sa.Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar()
+
+
+@pytest.fixture
+def metadata_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh PostgreSQL database for Airflow's metadata, dropped afterwards."""
+    url = create_database("postgres", tmp_path)
+    try:
+        yield url
+    finally:
+        drop_database("postgres", url)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, metadata_url: str, ledger_url: str) -> Iterator[Deployment]:
+    """An Airflow home whose services the test starts; every process of it is stopped afterwards."""
+    deployment = Deployment(tmp_path / "airflow_home", metadata_url, ledger_url)
+    try:
+        yield deployment
+    finally:
+        started = time.monotonic()
+        survivors = deployment.stop()
+        print(f"  teardown (all processes stopped)  {time.monotonic() - started:6.1f} s")
+        assert not survivors, f"processes outlived SIGKILL: {survivors}"
+        assert not deployment.leftovers(), "airflow processes of this test are still running"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_mapped_workers_share_5000_items_exactly_once_under_a_real_scheduler(
+    deployment: Deployment, ledger_url: str, backend: str
+) -> None:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    deployment.cli("db", "migrate", timeout=MIGRATE_DEADLINE)
+    timings["db migrate"] = time.monotonic() - started
+
+    mark = time.monotonic()
+    deployment.start()
+    meta = sa.create_engine(deployment.metadata_url, poolclass=sa.NullPool)
+    try:
+        _wait_for("the API server", lambda: _api_healthy(deployment.port), START_DEADLINE, deployment)
+        _wait_for(
+            f"{DAG_ID} to be serialized",
+            lambda: _scalar(meta, "SELECT count(*) FROM serialized_dag WHERE dag_id = :d", d=DAG_ID),
+            START_DEADLINE,
+            deployment,
+        )
+        timings["services up, DAG serialized"] = time.monotonic() - mark
+
+        run_id = f"scheduler_test_{secrets.token_hex(4)}"
+        deployment.cli("dags", "unpause", DAG_ID)
+        deployment.cli("dags", "trigger", DAG_ID, "--run-id", run_id)
+        mark = time.monotonic()
+
+        def finished() -> str | None:
+            state = _scalar(meta, "SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r", d=DAG_ID, r=run_id)
+            return state if state in ("success", "failed") else None
+
+        state = _wait_for(f"run {run_id} to finish", finished, RUN_DEADLINE, deployment)
+        timings["run (trigger to final state)"] = time.monotonic() - mark
+        with meta.connect() as conn:
+            tis = conn.execute(
+                sa.text(
+                    "SELECT task_id, map_index, state, try_number, start_date, end_date FROM task_instance "
+                    "WHERE dag_id = :d AND run_id = :r ORDER BY task_id, map_index"
+                ),
+                {"d": DAG_ID, "r": run_id},
+            ).all()
+            returned = {
+                m: v
+                for m, v in conn.execute(
+                    sa.text(
+                        "SELECT map_index, value FROM xcom WHERE dag_id = :d AND run_id = :r "
+                        "AND task_id = :t AND key = 'return_value'"
+                    ),
+                    {"d": DAG_ID, "r": run_id, "t": CONSUMER},
+                )
+            }
+    finally:
+        meta.dispose()
+
+    ledger = sa.create_engine(ledger_url, poolclass=sa.NullPool)
+    try:
+        with ledger.connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.text(
+                        "SELECT seq, state, task_id, owner_run_id, owner_task_id, owner_map_index, claimed_at, "
+                        "consumed_at FROM exclusive_xcom_item WHERE dag_id = :d AND run_id = :r"
+                    ),
+                    {"d": DAG_ID, "r": run_id},
+                )
+                .mappings()
+                .all()
+            )
+    finally:
+        ledger.dispose()
+    timings["total"] = time.monotonic() - started
+
+    # What happened, for the report (-s).
+    owners = Counter(r["owner_map_index"] for r in rows if r["state"] == "consumed")
+    print(f"\n[{backend} ledger] run {run_id}: {state}")
+    for name, seconds in timings.items():
+        print(f"  {name:32s} {seconds:6.1f} s")
+    for ti in tis:
+        took = (ti.end_date - ti.start_date).total_seconds() if ti.start_date and ti.end_date else float("nan")
+        print(f"  {ti.task_id}[{ti.map_index}] {ti.state} try {ti.try_number} ran {took:.1f} s from {ti.start_date}")
+    for index in range(WORKERS):
+        claimed = [r["claimed_at"] for r in rows if r["owner_map_index"] == index and r["claimed_at"]]
+        window = f"claims {min(claimed)} .. {max(claimed)}" if claimed else "no claims"
+        print(f"  {CONSUMER}[{index}] consumed {owners.get(index, 0):5d} orders ({window})")
+
+    logs = deployment.logs
+    assert state == "success", f"run {run_id} ended {state}: {[tuple(t[:4]) for t in tis]}{logs()}"
+    assert {(t.task_id, t.map_index): t.state for t in tis} == {
+        (PRODUCER, -1): "success",
+        **{(CONSUMER, i): "success" for i in range(WORKERS)},
+    }, logs()
+
+    # The ledger: each order once, consumed by one mapped worker of this run, nothing left over.
+    assert len(rows) == ORDERS, f"{len(rows)} ledger rows for {ORDERS} orders{logs()}"
+    assert sorted(r["seq"] for r in rows) == list(range(ORDERS)), "sequence numbers are not 0..N-1, once each"
+    assert Counter(r["state"] for r in rows) == {"consumed": ORDERS}, f"{Counter(r['state'] for r in rows)}{logs()}"
+    assert {(r["task_id"], r["owner_run_id"], r["owner_task_id"]) for r in rows} == {(PRODUCER, run_id, CONSUMER)}
+    assert set(owners) <= set(range(WORKERS)), owners
+    assert sum(owners.values()) == ORDERS
+
+    # Airflow's account: what each worker's function received is what the ledger says it consumed.
+    summaries = {m: v if isinstance(v, dict) else json.loads(v) for m, v in returned.items()}
+    assert {m: s["orders"] for m, s in summaries.items()} == {i: owners.get(i, 0) for i in range(WORKERS)}, summaries
+    assert sum(s["cents"] for s in summaries.values()) == sum(100 + i % 900 for i in range(ORDERS))
+
+    # The work was really shared: the workers' claims raced, and more than one of them won orders.
+    assert len(owners) >= 2, f"one worker drained the whole pool: {dict(owners)}{logs()}"
