@@ -265,7 +265,7 @@ class Ledger:
                 f"{exc}; whether this finish committed is unknown, as the ledger stayed unreachable: its "
                 "items are either still held by this try (a retry takes them back) or consumed by it",
                 exc.ref,
-            ) from exc
+            ) from exc.__cause__
         return False
 
     def _not_held(self, claimant: Claimant, ids: Sequence[int], count: int) -> ClaimConflictError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import pendulum
 from airflow.sdk import dag, get_current_context
@@ -48,9 +50,13 @@ def e2e_queue_final_failure():
 
     @exclusive_task(batch_size=10, retries=0)
     def work(items: list[int], shard: int) -> int:
+        # dag.test() runs the shards one after the other, in no fixed order: the first to
+        # get the items fails for good; the other must then get them all back.
+        first = Path(os.environ["AIRFLOW_HOME"], f"first-{get_current_context()['run_id']}")
         print(f"shard {shard} claimed {len(items)} item(s)")
-        if shard == 0:
-            raise RuntimeError("shard 0 fails for good")
+        if items and not first.exists():
+            first.touch()
+            raise RuntimeError(f"shard {shard} fails for good")
         return len(items)
 
     work.partial(items=enqueue()).expand(shard=[0, 1])
