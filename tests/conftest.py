@@ -47,8 +47,32 @@ def require_server(kind: str) -> None:
     pytest.skip(problem)
 
 
-def _admin_engine(kind: str) -> sa.Engine:
+def admin_engine(kind: str) -> sa.Engine:
+    """An autocommit engine on ``kind``'s server, for databases and sessions of the tests."""
     return sa.create_engine(SERVERS[kind], isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+
+
+def server_sessions(conn: sa.Connection, kind: str, database: str) -> list[int]:
+    """Server-side ids of every other session connected to ``database``."""
+    if kind == "postgres":
+        sql = "SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
+    else:
+        sql = "SELECT id FROM information_schema.processlist WHERE db = :db AND id <> CONNECTION_ID()"
+    return [row[0] for row in conn.execute(sa.text(sql), {"db": database})]
+
+
+def kill_session(conn: sa.Connection, kind: str, session: int) -> bool:
+    """Drop one server session (a fault injection); False if it had ended by itself."""
+    try:
+        if kind == "postgres":
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
+        else:
+            conn.execute(sa.text(f"KILL CONNECTION {int(session)}"))
+        return True
+    except sa.exc.DBAPIError as exc:  # MariaDB: "unknown thread id" when it is already gone
+        if "unknown thread" not in str(exc).lower():
+            raise
+        return False
 
 
 def create_database(kind: str, tmp_path: Path) -> str:
@@ -57,7 +81,7 @@ def create_database(kind: str, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     require_server(kind)
     name = f"exx_{uuid.uuid4().hex[:16]}"
-    engine = _admin_engine(kind)
+    engine = admin_engine(kind)
     with engine.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
@@ -72,7 +96,7 @@ def drop_database(kind: str, url: str) -> None:
     for key in [k for k in _engines if k == url]:
         _engines.pop(key).dispose()
     name = sa.make_url(url).database
-    engine = _admin_engine(kind)
+    engine = admin_engine(kind)
     with engine.connect() as conn:
         force = " WITH (FORCE)" if kind == "postgres" else ""
         conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}{force}"))

@@ -85,36 +85,24 @@ def lock_batch(
             ),
         ),
     )
-    return (
-        sa.select(*_CLAIM_COLUMNS)
-        .where(
-            item.c.output_id == output_id,
-            item.c.generation == generation,
-            item.c.slot == SHARED_SLOT,
-            item.c.state != CONSUMED,
-            claimable,
-            *([item.c.id.not_in(exclude)] if exclude else []),
-        )
-        .order_by(item.c.seq)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    conditions = [item.c.state != CONSUMED, claimable]
+    return _lock_from_pool(output_id, generation, limit, *conditions, *([item.c.id.not_in(exclude)] if exclude else []))
 
 
 def lock_own_earlier(
     output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int, limit: int
 ) -> sa.Select:
     """What earlier tries of this task instance still hold: a retry takes these back first."""
+    return _lock_from_pool(
+        output_id, generation, limit, item.c.state == CLAIMED, _owner_is(*owner), item.c.owner_try < try_number
+    )
+
+
+def _lock_from_pool(output_id: str, generation: int, limit: int, *conditions: sa.ColumnElement[bool]) -> sa.Select:
+    """Lock up to ``limit`` rows of a shared pool (mode items) meeting ``conditions``, lowest seq first."""
     return (
         sa.select(*_CLAIM_COLUMNS)
-        .where(
-            item.c.output_id == output_id,
-            item.c.generation == generation,
-            item.c.slot == SHARED_SLOT,
-            item.c.state == CLAIMED,
-            _owner_is(*owner),
-            item.c.owner_try < try_number,
-        )
+        .where(item.c.output_id == output_id, item.c.generation == generation, item.c.slot == SHARED_SLOT, *conditions)
         .order_by(item.c.seq)
         .limit(limit)
         .with_for_update(skip_locked=True)

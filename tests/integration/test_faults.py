@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import SERVERS
+from conftest import admin_engine, kill_session, server_sessions
 
 from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, create_engine
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
@@ -294,33 +294,6 @@ OUTAGE_BATCH = 10
 OUTAGE_LEASE = 3.0
 
 
-def _admin_engine(kind: str) -> sa.Engine:
-    return sa.create_engine(SERVERS[kind], isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-
-
-def _sessions(conn: sa.Connection, kind: str, database: str) -> list[int]:
-    if kind == "postgres":
-        sql = "SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
-    else:
-        sql = "SELECT id FROM information_schema.processlist WHERE db = :db AND id <> CONNECTION_ID()"
-    return [row[0] for row in conn.execute(sa.text(sql), {"db": database})]
-
-
-def _kill_sessions(conn: sa.Connection, kind: str, sessions: list[int]) -> int:
-    killed = 0
-    for session in sessions:
-        try:
-            if kind == "postgres":
-                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
-            else:
-                conn.execute(sa.text(f"KILL CONNECTION {int(session)}"))
-            killed += 1
-        except sa.exc.DBAPIError as exc:  # it ended by itself meanwhile (MariaDB: unknown thread id)
-            if "unknown thread" not in str(exc).lower():
-                raise
-    return killed
-
-
 class Killer(threading.Thread):
     """Kills every connection to ``database`` every 30-120 ms until stopped."""
 
@@ -332,12 +305,14 @@ class Killer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        engine = _admin_engine(self.kind)
+        engine = admin_engine(self.kind)
         rng = random.Random(7)
         try:
             with engine.connect() as conn:
                 while not self.halt.wait(rng.uniform(0.03, 0.12)):
-                    self.killed += _kill_sessions(conn, self.kind, _sessions(conn, self.kind, self.database))
+                    self.killed += sum(
+                        kill_session(conn, self.kind, x) for x in server_sessions(conn, self.kind, self.database)
+                    )
                     self.rounds += 1
         except BaseException as exc:
             self.error = exc
@@ -474,13 +449,13 @@ def test_a_producer_killed_mid_write_leaves_no_partial_output(
     rollback_started = time.monotonic()
     if backend != "sqlite":
         database = sa.make_url(ledger_url).database or ""
-        admin = _admin_engine(backend)
+        admin = admin_engine(backend)
         with admin.connect() as conn:
             deadline = time.monotonic() + 30
-            while _sessions(conn, backend, database) and time.monotonic() < deadline:
+            while server_sessions(conn, backend, database) and time.monotonic() < deadline:
                 ledger.engine.dispose()  # our own idle pool is not the dead producer
                 time.sleep(0.1)
-            assert not _sessions(conn, backend, database), "the dead producer's session never went away"
+            assert not server_sessions(conn, backend, database), "the dead producer's session never went away"
         admin.dispose()
     # ... nor once it is gone.
     assert visible() == 0

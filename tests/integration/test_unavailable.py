@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import SERVERS, require_server
+from conftest import SERVERS, kill_session, require_server, server_sessions
 
 from exclusive_xcom import config
 from exclusive_xcom.errors import ExclusiveXComError, LedgerUnavailableError
@@ -120,22 +120,6 @@ def _admin(url: str) -> sa.Engine:
     return sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
 
 
-def _sessions(conn: sa.Connection, kind: str, database: str) -> list[int]:
-    """Server-side ids of every other session connected to ``database``."""
-    if kind == "postgres":
-        sql = "SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
-    else:
-        sql = "SELECT id FROM information_schema.processlist WHERE db = :db AND id <> CONNECTION_ID()"
-    return [row[0] for row in conn.execute(sa.text(sql), {"db": database})]
-
-
-def _kill(conn: sa.Connection, kind: str, session: int) -> None:
-    if kind == "postgres":
-        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
-    else:
-        conn.execute(sa.text(f"KILL CONNECTION {int(session)}"))
-
-
 def _wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,11 +153,11 @@ def test_killed_idle_connections_lose_nothing(backend: str, server_ledger: tuple
 
     admin = _admin(SERVERS[backend])
     with admin.connect() as conn:
-        victims = _sessions(conn, backend, database)
+        victims = server_sessions(conn, backend, database)
         assert victims, "the ledger's pool should hold an idle connection"
         for session in victims:
-            _kill(conn, backend, session)
-        _wait_for(lambda: not _sessions(conn, backend, database), "the killed sessions to go away")
+            kill_session(conn, backend, session)
+        _wait_for(lambda: not server_sessions(conn, backend, database), "the killed sessions to go away")
     admin.dispose()
 
     # The next call either reconnects (pool_pre_ping) or says the ledger is unavailable;
@@ -222,7 +206,7 @@ def test_a_connection_killed_in_the_middle_of_a_claim_claims_nothing(
         with admin.connect() as conn:
             waiting = _wait_for(lambda: _blocked_sessions(conn, backend, database), "the claim to block on the lock")
             for session in waiting:
-                _kill(conn, backend, session)
+                kill_session(conn, backend, session)
         thread.join(timeout=30)
         assert not thread.is_alive(), "the claim did not return after its connection was killed"
     finally:
