@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,7 +119,11 @@ class Session:
         """Keep claiming batches of a work queue until it is empty (or the cap is reached)."""
         drained: list[Any] = []
         capped = remaining > 0
+        renewed = time.monotonic()
         while not capped or remaining > 0:
+            if time.monotonic() - renewed > self.env.ledger.lease_seconds / 3:  # a long drain outlives leases
+                self.env.ledger.extend_lease(self.claimant, self.ids)
+                renewed = time.monotonic()
             limit = min(batch_size, remaining) if capped else batch_size
             result: ClaimResult = self.env.ledger.claim(self.claimant, [h.request(limit)])
             (claimed,) = result.claims

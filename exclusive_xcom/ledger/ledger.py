@@ -224,6 +224,8 @@ class Ledger:
         longer held by this exact try (its lease was taken over, or a newer try fenced it).
         """
 
+        ids = list(dict.fromkeys(ids))  # the same input named twice is consumed once
+
         def tx(conn: sa.Connection) -> None:
             now = self._now()
             if productions or not ids:  # a zombie must not replace the new try's output

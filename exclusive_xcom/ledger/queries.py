@@ -80,7 +80,9 @@ def lock_batch(
         sa.and_(
             item.c.state == CLAIMED,
             sa.or_(
-                item.c.lease_expires_at < now,
+                # An expired lease, unless this very try holds it (a long drain must not get
+                # its own items twice).
+                sa.and_(item.c.lease_expires_at < now, ~sa.and_(_owner_is(*owner), item.c.owner_try == try_number)),
                 sa.and_(_owner_is(*owner), item.c.owner_try < try_number),
             ),
         ),

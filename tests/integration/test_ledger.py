@@ -704,3 +704,15 @@ def test_a_retry_takes_back_its_own_earlier_claims_before_fresh_items(ledger: Le
     rest = claim(ledger, retry, request(ITEMS, ["work"], limit=4)).ids
     assert set(first) - set(again) <= set(rest) and not set(rest) & set(other)
     assert len(rest) == 4
+
+
+def test_a_long_drain_never_gets_its_own_items_twice(ledger: Ledger, clock: FakeClock) -> None:
+    """Found by the state machine: once its lease had expired, a try re-selected its own rows."""
+    produce(ledger, ITEMS, ["work"], [b"a", b"b", b"c"])
+    me = who("work")
+    first = claim(ledger, me, request(ITEMS, ["work"], limit=2)).ids
+    clock.advance(LEASE + 1)  # the drain outlived its lease; nobody took the items over
+    rest = claim(ledger, me, request(ITEMS, ["work"], limit=2)).ids
+    assert len(rest) == 1 and not set(rest) & set(first)
+    ledger.finish(me, first + rest + first[:1])  # an id named twice is consumed once
+    assert ledger.counts() == {CONSUMED: 3}
