@@ -8,6 +8,7 @@ non-zero exit status with a one-line reason on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -135,7 +136,7 @@ def _ledger(args: argparse.Namespace) -> Ledger:
 
     settings = load_settings()
     if args.url:
-        settings = type(settings)(**{**settings.__dict__, "url": args.url})
+        settings = dataclasses.replace(settings, url=args.url)
     return get_ledger(settings)
 
 

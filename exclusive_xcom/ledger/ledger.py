@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from hashlib import sha256
 from typing import Any, TypeVar
 
@@ -92,7 +93,7 @@ class Claimant:
     def slot(self) -> str:
         return consumer_slot(self.dag_id, self.task_id)
 
-    @property
+    @cached_property
     def ti_key(self) -> str:
         """The task instance's key in the fence table (tries share it)."""
         return sha256(json.dumps(list(self.identity)).encode()).hexdigest()
@@ -508,8 +509,9 @@ def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest,
         )
         rows.extend(conn.execute(more))
     claimed = Claimed(request)
+    if rows:  # every row of one output names the same consumers: parse them once per batch
+        _authorize(claimant, request, json.loads(rows[0].consumers))
     for row in rows:
-        _authorize(claimant, request, json.loads(row.consumers))
         if row.state == CLAIMED and not _claimable(row, claimant, request, now):
             continue
         claimed.ids.append(row.id)
