@@ -10,18 +10,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from exclusive_xcom.errors import ExclusiveXComError
+from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
 from exclusive_xcom.ledger.schema import STATES
 
+if TYPE_CHECKING:
+    from exclusive_xcom.runtime import Env
+
 LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class UsageError(Exception):
@@ -75,10 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("item_ids", type=_positive_int, nargs="+")
     release.set_defaults(func=_release)
 
-    purge = sub.add_parser("purge", help="delete items consumed longer ago than --older-than")
-    purge.add_argument("--older-than", required=True, type=_duration, help="e.g. 7d, 12h, 30m")
+    purge = sub.add_parser("purge", help="delete old consumed (and expired) items, their blobs and orphaned blobs")
+    purge.add_argument(
+        "--older-than", type=_duration, help="consumed more than this long ago, e.g. 7d, 12h (default: retention)"
+    )
+    purge.add_argument(
+        "--expired-after", type=_duration, help="also unconsumed items older than this (default: expire_after)"
+    )
+    purge.add_argument("--batch", type=_positive_int, default=1000, help="rows per transaction (default 1000)")
     purge.add_argument("--dry-run", action="store_true")
     purge.set_defaults(func=_purge)
+
+    rotate = sub.add_parser("rotate-key", help="re-encrypt stored payloads under the first key of secret_key")
+    rotate.set_defaults(func=_rotate_key)
 
     stats = sub.add_parser("stats", help="counts by state, bytes stored, oldest unconsumed item")
     stats.add_argument("--json", action="store_true")
@@ -116,9 +126,25 @@ def _release(args: argparse.Namespace) -> None:
 
 
 def _purge(args: argparse.Namespace) -> None:
-    count = _ledger(args).purge(args.older_than, dry_run=args.dry_run)
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} {count} item(s) consumed more than {args.older_than} ago")
+    from exclusive_xcom.maintenance import purge
+
+    env = _env(args)
+    older_than = env.settings.retention if args.older_than is None else args.older_than
+    expired_after = env.settings.expire_after if args.expired_after is None else args.expired_after
+    report = purge(
+        env.ledger, env.codec, older_than, expired_after=expired_after, batch=args.batch, dry_run=args.dry_run
+    )
+    expired = f" and unconsumed for more than {expired_after}" if expired_after is not None else ""
+    print(f"{report} (consumed more than {older_than} ago{expired})")
+
+
+def _rotate_key(args: argparse.Namespace) -> None:
+    from exclusive_xcom.maintenance import rotate_keys
+
+    env = _env(args)
+    if not env.keyring.encrypts:
+        raise UsageError("no key configured: set [exclusive_xcom] secret_key (newest key first) and run again")
+    print(rotate_keys(env.ledger, env.codec))
 
 
 def _stats(args: argparse.Namespace) -> None:
@@ -131,13 +157,18 @@ def _stats(args: argparse.Namespace) -> None:
 # -- plumbing --------------------------------------------------------------------------------
 
 
-def _ledger(args: argparse.Namespace) -> Ledger:
-    from exclusive_xcom.config import get_ledger, load_settings
+def _env(args: argparse.Namespace) -> Env:
+    from exclusive_xcom.config import load_settings
+    from exclusive_xcom.runtime import env_for
 
     settings = load_settings()
     if args.url:
         settings = dataclasses.replace(settings, url=args.url)
-    return get_ledger(settings)
+    return env_for(settings)
+
+
+def _ledger(args: argparse.Namespace) -> Ledger:
+    return _env(args).ledger
 
 
 def _emit(data: Any, as_json: bool, human: Any) -> None:
@@ -168,10 +199,12 @@ def _positive_int(raw: str) -> int:
 
 
 def _duration(raw: str) -> timedelta:
-    match = re.fullmatch(r"(\d+)([smhdw])", raw.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 7d, 12h, 30m, 45s or 2w, got {raw!r}")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    from exclusive_xcom.config import parse_duration
+
+    try:
+        return parse_duration(raw, "")
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).lstrip(": ")) from None
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ so the claim path never checks the schema again.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from exclusive_xcom.crypto import Keyring, keyring_from
 from exclusive_xcom.errors import ConfigurationError
 from exclusive_xcom.ledger import Ledger, get_engine
 
@@ -27,9 +30,40 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "conn_id": ("string", "", "Airflow connection (Postgres or MySQL) of the ledger, if no URL is set."),
     "lease_seconds": ("integer", "300", "How long a claim lives without a heartbeat before others may take it."),
     "offload_threshold_bytes": ("integer", "1048576", "Payloads above this size go to object storage."),
-    "offload_path": ("string", "", "ObjectStoragePath URI for offloaded payloads."),
-    "secret_key": ("string", "", "Key that signs handles; default: a key kept in the ledger itself."),
+    "offload_path": (
+        "string",
+        "",
+        "ObjectStoragePath URI for offloaded payloads (s3://conn_id@bucket/prefix, ...); "
+        "default: file://$AIRFLOW_HOME/exclusive_xcom_offload.",
+    ),
+    "secret_key": (
+        "string",
+        "",
+        "Comma-separated keys, newest first: the first signs handles and encrypts payloads (Fernet), all "
+        "are accepted to verify and decrypt. Default: [core] fernet_key; with neither, handles are signed "
+        "with a key kept in the ledger and payloads are not encrypted.",
+    ),
+    "retention": ("string", "7d", "How long consumed items are kept before purge deletes them (7d, 12h, ...)."),
+    "expire_after": (
+        "string",
+        "",
+        "If set, unconsumed items older than this (and not under a live claim) are deleted by purge too.",
+    ),
+    "base_xcom_backend": (
+        "string",
+        "",
+        "With [core] xcom_backend = exclusive_xcom.backend.ExclusiveXComBackend: the backend every "
+        "non-exclusive XCom is delegated to (e.g. airflow.providers.common.io.xcom.backend."
+        "XComObjectStorageBackend); default: Airflow's BaseXCom.",
+    ),
+    "keep_consumed_payloads": (
+        "boolean",
+        "False",
+        "Keep a consumed item's payload and blob until purge deletes the row, instead of deleting it at once.",
+    ),
 }
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 _DRIVERS = {
     "postgres": "postgresql+psycopg",
@@ -42,10 +76,14 @@ _DRIVERS = {
 @dataclass(frozen=True)
 class Settings:
     url: str
-    lease_seconds: float
-    offload_threshold_bytes: int
-    offload_path: str
-    secret_key: str
+    lease_seconds: float = 300.0
+    offload_threshold_bytes: int = 1 << 20
+    offload_path: str = ""
+    secret_key: str = ""
+    fernet_key: str = ""
+    retention: timedelta = timedelta(days=7)
+    expire_after: timedelta | None = None
+    keep_consumed_payloads: bool = False
 
 
 def _option(name: str) -> str:
@@ -65,13 +103,35 @@ def _number(name: str) -> float:
     return value
 
 
+def parse_duration(raw: str, source: str) -> timedelta:
+    """``7d``, ``12h``, ``30m``, ``45s``, ``2w``; anything else is refused by name."""
+    match = re.fullmatch(r"(\d+)([smhdw])", raw.strip())
+    if not match:
+        raise ConfigurationError(f"{source}: expected a duration such as 7d, 12h, 30m, 45s or 2w, got {raw!r}")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def _flag(name: str) -> bool:
+    raw = _option(name).lower() or OPTIONS[name][1].lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigurationError(f"[{SECTION}] {name} must be true or false, got {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
 def load_settings() -> Settings:
+    from airflow.configuration import conf
+
+    expire_after = _option("expire_after")
     return Settings(
         url=ledger_url(),
         lease_seconds=_number("lease_seconds"),
         offload_threshold_bytes=int(_number("offload_threshold_bytes")),
         offload_path=_option("offload_path"),
         secret_key=_option("secret_key"),
+        fernet_key=str(conf.get("core", "fernet_key", fallback="") or "").strip(),
+        retention=parse_duration(_option("retention") or OPTIONS["retention"][1], f"[{SECTION}] retention"),
+        expire_after=parse_duration(expire_after, f"[{SECTION}] expire_after") if expire_after else None,
+        keep_consumed_payloads=_flag("keep_consumed_payloads"),
     )
 
 
@@ -129,7 +189,9 @@ def get_ledger(settings: Settings | None = None) -> Ledger:
         engine = get_engine(settings.url)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise ConfigurationError(f"cannot open the claim ledger at {settings.url!r}: {exc}") from exc
-    ledger = Ledger(engine, lease_seconds=settings.lease_seconds)
+    ledger = Ledger(
+        engine, lease_seconds=settings.lease_seconds, keep_consumed_payloads=settings.keep_consumed_payloads
+    )
     with _ready_lock:
         if settings.url not in _ready:
             ledger.migrate()
@@ -137,5 +199,7 @@ def get_ledger(settings: Settings | None = None) -> Ledger:
     return ledger
 
 
-def signing_secret(settings: Settings, ledger: Ledger) -> bytes:
-    return settings.secret_key.encode() if settings.secret_key else ledger.secret()
+def keyring(settings: Settings, ledger: Ledger) -> Keyring:
+    """Keys of this configuration; the ledger's own key is read only when none is configured."""
+    configured = keyring_from(settings.secret_key, settings.fernet_key)
+    return configured if configured.encrypts else keyring_from("", "", ledger.secret())

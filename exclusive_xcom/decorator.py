@@ -147,7 +147,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         except BaseException:
             session.fail(is_final_try(context))
             raise
-        context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(session.env.secret))
+        context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(session.env.keyring))
         return None
 
 

@@ -8,13 +8,12 @@ reserved key without being a consumer learns where the data is, not what it is.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from exclusive_xcom.crypto import Keyring
 from exclusive_xcom.errors import PayloadError
 from exclusive_xcom.ledger import ClaimRequest, Output
 
@@ -33,9 +32,9 @@ class Handle:
     mode: str
     consumers: tuple[str, ...]
 
-    def to_xcom(self, secret: bytes) -> dict[str, Any]:
+    def to_xcom(self, keys: Keyring) -> dict[str, Any]:
         body = self._body()
-        return {MARKER: VERSION, **body, "sig": _sign(body, secret)}
+        return {MARKER: VERSION, **body, "sig": keys.sign(_message(body))}
 
     def request(self, limit: int = 100) -> ClaimRequest:
         return ClaimRequest(self.output, self.generation, self.mode, self.consumers, limit)
@@ -58,8 +57,11 @@ def is_handle(value: Any) -> bool:
     return isinstance(value, Mapping) and MARKER in value
 
 
-def parse(value: Mapping[str, Any], secret: bytes) -> Handle:
-    """Check a handle's shape and signature; refuse anything forged or altered."""
+def parse(value: Mapping[str, Any], keys: Keyring, consumer: str = "-") -> Handle:
+    """Check a handle's shape and signature; refuse anything forged or altered.
+
+    ``consumer`` is who presented it, for the error message.
+    """
     try:
         body = {name: value[name] for name in _FIELDS}
         output = Output(body["dag_id"], body["run_id"], body["task_id"], int(body["map_index"]), body["key"])
@@ -67,15 +69,14 @@ def parse(value: Mapping[str, Any], secret: bytes) -> Handle:
         signature = str(value["sig"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"malformed exclusive_xcom handle (missing or bad field: {exc})") from exc
-    if value[MARKER] != VERSION or not hmac.compare_digest(signature, _sign(handle._body(), secret)):
+    if value[MARKER] != VERSION or not keys.verify(_message(handle._body()), signature):
         raise PayloadError(
             "exclusive_xcom handle signature mismatch: the handle was forged or altered, or producer and "
             "consumer use different secret_key settings",
-            output.ref(),
+            output.ref(consumer),
         )
     return handle
 
 
-def _sign(body: Mapping[str, Any], secret: bytes) -> str:
-    message = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+def _message(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -19,11 +19,15 @@ from functools import lru_cache
 from typing import Any
 
 from exclusive_xcom import handle as handles
-from exclusive_xcom import payload
-from exclusive_xcom.config import Settings, get_ledger, load_settings, signing_secret
-from exclusive_xcom.errors import ItemRef, PayloadError, named
+from exclusive_xcom import metrics
+from exclusive_xcom.config import Settings, get_ledger, keyring, load_settings
+from exclusive_xcom.crypto import Keyring
+from exclusive_xcom.errors import ItemRef, LedgerUnavailableError, PayloadError, named
 from exclusive_xcom.handle import Handle
-from exclusive_xcom.ledger import ITEMS, Claimant, ClaimResult, Ledger, Output, Production
+from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, ClaimResult, Ledger, Offloaded, Output, Production
+from exclusive_xcom.ledger.ledger import Stored
+from exclusive_xcom.payload import Codec
+from exclusive_xcom.storage import BlobStore
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -32,18 +36,21 @@ log = logging.getLogger("exclusive_xcom")
 class Env:
     settings: Settings
     ledger: Ledger
-    secret: bytes
+    keyring: Keyring
+    codec: Codec
 
 
 @lru_cache(maxsize=4)
-def _env_for(settings: Settings) -> Env:
+def env_for(settings: Settings) -> Env:
     ledger = get_ledger(settings)
-    return Env(settings, ledger, signing_secret(settings, ledger))
+    keys = keyring(settings, ledger)
+    store = lambda: BlobStore(settings.offload_path or None)  # noqa: E731 -- made on first offload
+    return Env(settings, ledger, keys, Codec(keys, settings.offload_threshold_bytes, store))
 
 
 def env() -> Env:
-    """Settings, ledger and signing secret of this process (built once per configuration)."""
-    return _env_for(load_settings())
+    """Settings, ledger, keys and payload codec of this process (built once per configuration)."""
+    return env_for(load_settings())
 
 
 def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] = ()) -> Session:
@@ -90,6 +97,10 @@ class Session:
     env: Env
     ids: list[int] = field(default_factory=list)
     inputs: list[Handle] = field(default_factory=list)
+    blobs: list[str] = field(default_factory=list)  # offloaded payloads of what it holds
+    written: list[str] = field(default_factory=list)  # blobs its outputs wrote, not yet committed
+    produced_items: int = 0
+    offloaded_bytes: int = 0
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -99,20 +110,16 @@ class Session:
         Raises :class:`Lost`, having claimed nothing, when a ``one``-mode input went to
         another consumer.
         """
-        parsed = [handles.parse(h, self.env.secret) for h in found]
+        parsed = [handles.parse(h, self.env.keyring, self.claimant.slot) for h in found]
         self.inputs.extend(parsed)
         first = min(batch_size, max_items) if max_items else batch_size
-        result = self.env.ledger.claim(self.claimant, [h.request(first) for h in parsed])
+        result = self._claim([h.request(first) for h in parsed])
         if result.lost:
             raise Lost(result.lost)
-        self.ids.extend(result.ids)
         values = [self._values(h, c.payloads) for h, c in zip(parsed, result.claims, strict=True)]
         for h, claimed, value in zip(parsed, result.claims, values, strict=True):
             if h.mode == ITEMS and len(claimed.ids) == first:
                 value.extend(self._drain(h, batch_size, (max_items or 0) - len(claimed.ids)))
-        for h, value in zip(parsed, values, strict=True):
-            count = f"{len(value)} item(s)" if h.mode == ITEMS else "1 item"
-            log.info("exclusive_xcom: %s claimed %s of %s (%s)", self.claimant, count, h.output.producer, h.mode)
         return values
 
     def _drain(self, h: Handle, batch_size: int, remaining: int) -> list[Any]:
@@ -125,18 +132,39 @@ class Session:
                 self.env.ledger.extend_lease(self.claimant, self.ids)
                 renewed = time.monotonic()
             limit = min(batch_size, remaining) if capped else batch_size
-            result: ClaimResult = self.env.ledger.claim(self.claimant, [h.request(limit)])
-            (claimed,) = result.claims
-            self.ids.extend(claimed.ids)
+            (claimed,) = self._claim([h.request(limit)]).claims
             drained.extend(self._values(h, claimed.payloads))
             remaining -= len(claimed.ids)
             if len(claimed.ids) < limit:
                 break
         return drained
 
-    def _values(self, h: Handle, raw: list[bytes | None]) -> Any:
+    def _claim(self, requests: list[ClaimRequest]) -> ClaimResult:
+        """One ledger claim: hold what it got, log each input's items and owner, count it."""
+        started = time.perf_counter()
+        result = self.env.ledger.claim(self.claimant, requests)
+        elapsed = time.perf_counter() - started
+        self.ids.extend(result.ids)
+        self.blobs.extend(uri for c in result.claims for uri in c.uris)
+        c = self.claimant
+        for claimed in result.claims:
+            out = claimed.request.output
+            log.info(
+                "exclusive_xcom: claimed %s of %s/%s/%s (mode %s) for %s in %.1f ms",
+                _describe_ids(claimed.ids),
+                out.dag_id,
+                out.run_id,
+                out.producer,
+                claimed.request.mode,
+                c,
+                elapsed * 1000,
+            )
+            metrics.claimed(len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=claimed.request.mode)
+        return result
+
+    def _values(self, h: Handle, raw: list[Stored]) -> Any:
         ref = h.output.ref(self.claimant.slot)
-        values = [payload.loads(data, ref) for data in raw]
+        values = [self.env.codec.decode(data, ref) for data in raw]
         return values if h.mode == ITEMS else values[0]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -167,10 +195,32 @@ class Session:
             thread.join(timeout=5)
 
     def finish(self, productions: Sequence[Production] = ()) -> None:
-        with named(self._ref(productions)):
-            self.env.ledger.finish(self.claimant, self.ids, productions)
+        """Consume inputs and write outputs in one transaction, then delete unneeded blobs."""
+        try:
+            with named(self._ref(productions)):
+                stale = self.env.ledger.finish(self.claimant, self.ids, productions, self.blobs)
+        except LedgerUnavailableError:
+            raise  # it may have committed after all: its blobs stay for the sweep to judge
+        except Exception:
+            self._discard_written()
+            raise
+        self.written.clear()
+        c = self.claimant
         if self.ids:
-            log.info("exclusive_xcom: %s consumed %d item(s)", self.claimant, len(self.ids))
+            log.info("exclusive_xcom: %s consumed %s", c, _describe_ids(self.ids))
+            metrics.consumed(len(self.ids), dag_id=c.dag_id, task_id=c.task_id)
+        if productions:
+            log.info("exclusive_xcom: %s wrote %s", c, self._written_summary())
+            metrics.produced(
+                self.produced_items, dag_id=c.dag_id, task_id=c.task_id, offloaded_bytes=self.offloaded_bytes
+            )
+        if stale:
+            self.env.codec.store.delete(stale)
+
+    def _discard_written(self) -> None:
+        if self.written:
+            self.env.codec.store.delete(self.written)
+            self.written.clear()
 
     def fail(self, final: bool) -> None:
         """Keep claims for the retry; give them back when no retry will come."""
@@ -182,6 +232,7 @@ class Session:
         try:
             released = self.env.ledger.release(self.claimant, self.ids)
             log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
+            metrics.released(released, dag_id=self.claimant.dag_id, task_id=self.claimant.task_id)
         except Exception as exc:  # the lease frees them anyway; do not mask the task's own error
             log.warning("exclusive_xcom: could not release claims (their lease will expire): %s", exc)
 
@@ -196,14 +247,37 @@ class Session:
     # -- outputs ----------------------------------------------------------------------------
 
     def production(self, value: Any, mode: str, consumers: tuple[str, ...]) -> tuple[Production, Handle]:
+        """The output to write; ``items`` are encoded lazily, as the ledger inserts them."""
         output = Output(self.claimant.dag_id, self.claimant.run_id, self.claimant.task_id, self.claimant.map_index)
         generation = self.claimant.try_number
         ref = output.ref()
+        folder = f"{output.output_id}/{generation}"
         if mode == ITEMS:
-            data: Any = (payload.dumps(v, ref) for v in _iterable(value, ref))
+            data: Any = (self._encode(v, folder, ref) for v in _iterable(value, ref))
         else:
-            data = [payload.dumps(value, ref)]
+            data = [self._encode(value, folder, ref)]
         return Production(output, generation, mode, consumers, data), Handle(output, generation, mode, consumers)
+
+    def _encode(self, value: Any, folder: str, ref: ItemRef) -> bytes | Offloaded:
+        stored = self.env.codec.encode(value, folder, ref)
+        self.produced_items += 1
+        if isinstance(stored, Offloaded):
+            self.written.append(stored.uri)
+            self.offloaded_bytes += stored.size
+        return stored
+
+    def _written_summary(self) -> str:
+        offloaded = f", {len(self.written)} offloaded ({self.offloaded_bytes} bytes)" if self.offloaded_bytes else ""
+        return f"{self.produced_items} item(s){offloaded}"
+
+
+def _describe_ids(ids: Sequence[int]) -> str:
+    """Item ids for a log line: all of a few, the range of many."""
+    if not ids:
+        return "no items"
+    if len(ids) <= 5:
+        return "item " + ", ".join(map(str, ids)) if len(ids) == 1 else "items " + ", ".join(map(str, ids))
+    return f"{len(ids)} items (ids {min(ids)}..{max(ids)})"
 
 
 class Lost(Exception):
@@ -254,3 +328,19 @@ def _walk(value: Any, on_handle: Callable[[Mapping[str, Any]], Any]) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
         return [_walk(v, on_handle) for v in value]  # e.g. a mapped producer's LazyXComSequence
     return value
+
+
+def forget(value: Mapping[str, Any]) -> int:
+    """Delete the ledger items (and blobs) a handle points at: Airflow purged the handle.
+
+    A handle that does not verify is left alone: deleting on the word of a forged one
+    would let anyone who can write an XCom row destroy another task's output.
+    """
+    current = env()
+    h = handles.parse(value, current.keyring)
+    with named(h.output.ref()):
+        stale = current.ledger.forget(h.output, h.generation)
+    if stale:
+        current.codec.store.delete(stale)
+    log.info("exclusive_xcom: forgot %s generation %d (its handle was purged)", h.output.producer, h.generation)
+    return len(stale)

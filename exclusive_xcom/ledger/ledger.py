@@ -119,14 +119,37 @@ class ClaimRequest:
     limit: int = 100
 
 
+@dataclass(frozen=True)
+class Offloaded:
+    """A payload kept in object storage: where, and what its bytes must hash to."""
+
+    uri: str
+    size: int
+    sha256: str
+
+
+#: A stored payload: inline bytes, a blob, or nothing (consumed or purged).
+Stored = bytes | Offloaded | None
+
+
 @dataclass
 class Claimed:
     """What one request got: item ids and their stored payloads, in sequence order."""
 
     request: ClaimRequest
     ids: list[int] = field(default_factory=list)
-    payloads: list[bytes | None] = field(default_factory=list)
-    uris: list[str | None] = field(default_factory=list)
+    payloads: list[Stored] = field(default_factory=list)
+
+    def add(self, row: Any) -> None:
+        self.ids.append(row.id)
+        if row.payload_uri is not None:
+            self.payloads.append(Offloaded(row.payload_uri, int(row.payload_size), row.payload_sha256 or ""))
+        else:
+            self.payloads.append(row.payload)
+
+    @property
+    def uris(self) -> list[str]:
+        return [p.uri for p in self.payloads if isinstance(p, Offloaded)]
 
 
 @dataclass
@@ -149,17 +172,24 @@ class Production:
     generation: int
     mode: str
     consumers: tuple[str, ...]
-    payloads: Iterable[bytes]
+    payloads: Iterable[bytes | Offloaded]
 
 
 class Ledger:
     """Transactions over the claim ledger tables, on an engine the caller owns."""
 
     def __init__(
-        self, engine: sa.Engine, *, lease_seconds: float = 300.0, clock: Callable[[], float] = time.time
+        self,
+        engine: sa.Engine,
+        *,
+        lease_seconds: float = 300.0,
+        keep_consumed_payloads: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.lease_seconds = lease_seconds
+        #: Retention: keep a consumed item's payload (and blob) until ``purge`` deletes the row.
+        self.keep_consumed_payloads = keep_consumed_payloads
         self._clock = clock
 
     # -- schema ---------------------------------------------------------------------------
@@ -216,31 +246,44 @@ class Ledger:
 
     def produce(self, production: Production) -> int:
         """Write an output, replacing unconsumed items of earlier tries; returns item count."""
-        return self._run(lambda conn: _produce(conn, production, self._now()), production.output.ref())
+        return self._run(lambda conn: _produce(conn, production, self._now())[0], production.output.ref())
 
-    def finish(self, claimant: Claimant, ids: Sequence[int], productions: Sequence[Production] = ()) -> None:
+    def finish(
+        self,
+        claimant: Claimant,
+        ids: Sequence[int],
+        productions: Sequence[Production] = (),
+        blobs: Sequence[str] = (),
+    ) -> list[str]:
         """Consume what ``claimant`` holds and write its outputs, all in one transaction.
 
+        ``blobs`` are the offloaded payloads of ``ids``. Returns the blob URIs nothing needs
+        any more (consumed, or replaced by this output), for the caller to delete.
         Raises :class:`ClaimConflictError` and changes nothing if any of ``ids`` is no
         longer held by this exact try (its lease was taken over, or a newer try fenced it).
         """
 
         ids = list(dict.fromkeys(ids))  # the same input named twice is consumed once
 
-        def tx(conn: sa.Connection) -> None:
+        def tx(conn: sa.Connection) -> list[str]:
             now = self._now()
             if productions or not ids:  # a zombie must not replace the new try's output
                 _check_fence(conn, claimant, productions[0].output.ref() if productions else None)
             if ids:
-                done = conn.execute(q.mark_consumed(ids, claimant.identity, claimant.try_number, now, claimant.ti_key))
+                stmt = q.mark_consumed(
+                    ids, claimant.identity, claimant.try_number, now, claimant.ti_key, self.keep_consumed_payloads
+                )
+                done = conn.execute(stmt)
                 if done.rowcount != len(ids):
                     _check_fence(conn, claimant)
                     raise _NotHeld(len(ids) - done.rowcount)  # rolls back what was marked
+            stale = list(blobs)
             for production in productions:
-                _produce(conn, production, now)
+                stale.extend(_produce(conn, production, now)[1])
+            return self._unneeded(conn, stale)
 
         try:
-            self._run(tx)
+            return self._run(tx)
         except _NotHeld as lost:
             raise self._not_held(claimant, ids, lost.count) from None
         except LedgerUnavailableError as exc:
@@ -248,6 +291,29 @@ class Ledger:
             # acknowledgement): look again before reporting a failure that did not happen.
             if not self._finished(claimant, ids, productions, exc):
                 raise
+            return []  # a blob left behind is swept by purge
+
+    def _unneeded(self, conn: sa.Connection, uris: Sequence[str]) -> list[str]:
+        """Which blobs no row needs any more (a blob may be shared by the slots of one output)."""
+        uris = list(dict.fromkeys(uris))
+        if not uris:
+            return []
+        needed = set(conn.execute(q.needed_uris(uris, self.keep_consumed_payloads)).scalars())
+        return [u for u in uris if u not in needed]
+
+    def forget(self, output: Output, generation: int) -> list[str]:
+        """Delete every item of one generation of an output (Airflow purged its handle).
+
+        Returns the blob URIs to delete. Claims in flight on these items are lost: their
+        holder's finish fails with :class:`ClaimConflictError`, as after a re-run producer.
+        """
+
+        def tx(conn: sa.Connection) -> list[str]:
+            uris = list(conn.execute(q.output_uris(output.output_id, generation)).scalars())
+            conn.execute(q.delete_output(output.output_id, generation))
+            return self._unneeded(conn, uris)
+
+        return self._run(tx, output.ref())
 
     def _finished(
         self, claimant: Claimant, ids: Sequence[int], productions: Sequence[Production], exc: ExclusiveXComError
@@ -369,19 +435,75 @@ class Ledger:
             counts = {state: 0 for state in (READY, CLAIMED, CONSUMED)}
             counts.update({s: n for s, n in conn.execute(q.count_by_state())})
             row = conn.execute(q.storage_stats()).one()
-            return {"counts": counts, "bytes": int(row.bytes), "oldest_unconsumed": row.oldest_unconsumed}
+            return {
+                "counts": counts,
+                "bytes": int(row.bytes),
+                "offloaded_bytes": int(row.offloaded_bytes),
+                "oldest_unconsumed": row.oldest_unconsumed,
+            }
 
         return self._run(tx)
 
-    def purge(self, older_than: timedelta, *, batch: int = 1000, dry_run: bool = False) -> int:
-        """Delete items consumed longer ago than ``older_than``, a bounded batch per transaction."""
-        cutoff = self._now() - older_than
+    def purge(
+        self,
+        older_than: timedelta,
+        *,
+        expired_after: timedelta | None = None,
+        batch: int = 1000,
+        dry_run: bool = False,
+        on_blobs: Callable[[list[str]], Any] | None = None,
+    ) -> int:
+        """Delete items consumed longer ago than ``older_than`` and, if ``expired_after`` is
+        given, unconsumed ones created longer ago than that and not under a live claim.
+
+        One bounded batch per transaction; after each, ``on_blobs`` gets the blob URIs that
+        no remaining row needs. Returns the number of rows deleted (or, dry, that would be).
+        """
+        now = self._now()
+        condition = q.purgeable(now - older_than, None if expired_after is None else now - expired_after, now)
         if dry_run:
-            return int(self._run(lambda conn: conn.execute(q.count_consumed_before(cutoff)).scalar_one()))
-        total = 0
-        while ids := self._run(lambda conn: list(conn.execute(q.consumed_before(cutoff, batch)).scalars())):
-            total += self._run(_deleter(ids))
+            return int(self._run(lambda conn: conn.execute(q.count_where(condition)).scalar_one()))
+
+        total, after = 0, 0
+
+        def tx(conn: sa.Connection) -> tuple[int, int, list[str]]:
+            """One batch after id ``after``; returns rows deleted, the next ``after`` (-1: done), blobs."""
+            rows = conn.execute(q.purge_batch(condition, after, batch)).all()
+            if not rows:
+                return 0, -1, []
+            deleted = conn.execute(q.delete_where([r.id for r in rows], condition)).rowcount
+            return int(deleted), rows[-1].id, self._unneeded(conn, [r.payload_uri for r in rows if r.payload_uri])
+
+        while after >= 0:
+            deleted, after, uris = self._run(tx)
+            total += deleted
+            if uris and on_blobs is not None:
+                on_blobs(uris)
         return total
+
+    # -- key rotation -------------------------------------------------------------------------
+
+    def stored_payloads(self, after_id: int, limit: int) -> list[Any]:
+        """Rows (id, payload, payload_uri, payload_size, payload_sha256) with a payload to rotate."""
+        stmt = q.stored_payloads(after_id, limit, self.keep_consumed_payloads)
+        return self._run(lambda conn: list(conn.execute(stmt).all()))
+
+    def replace_payload(self, item_id: int, old: bytes, new: bytes) -> bool:
+        return bool(self._run(lambda conn: conn.execute(q.set_payload(item_id, old, new)).rowcount))
+
+    def move_blob(self, old: Offloaded, new: Offloaded) -> tuple[int, list[str]]:
+        """Repoint unclaimed rows from ``old`` to ``new``; returns how many, and the blobs now unneeded."""
+
+        def tx(conn: sa.Connection) -> tuple[int, list[str]]:
+            moved = conn.execute(q.move_blob(old.uri, new.uri, new.size, new.sha256)).rowcount
+            return int(moved), self._unneeded(conn, [old.uri] if moved else [new.uri])
+
+        return self._run(tx)
+
+    def blob_uris(self, uris: Sequence[str]) -> set[str]:
+        """Which of ``uris`` some row references (the orphan sweep keeps those)."""
+        stmt = q.needed_uris(uris, keep_consumed=True)
+        return set(self._run(lambda conn: list(conn.execute(stmt).scalars()))) if uris else set()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -414,10 +536,6 @@ class Ledger:
 
 
 # -- transaction bodies ---------------------------------------------------------------------
-
-
-def _deleter(ids: list[int]) -> Callable[[sa.Connection], int]:
-    return lambda conn: int(conn.execute(q.delete_ids(ids)).rowcount)
 
 
 def _authorize(claimant: Claimant, request: ClaimRequest, consumers: Iterable[str]) -> None:
@@ -459,9 +577,7 @@ def _claim_one(
         )
     if row.state == CLAIMED and not _claimable(row, claimant, request, now):
         return _busy(claimant, request, f"held by {_describe_owner(row)} until {row.lease_expires_at}")
-    claimed.ids.append(row.id)
-    claimed.payloads.append(row.payload)
-    claimed.uris.append(row.payload_uri)
+    claimed.add(row)
     return claimed, []
 
 
@@ -514,14 +630,14 @@ def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest,
     for row in rows:
         if row.state == CLAIMED and not _claimable(row, claimant, request, now):
             continue
-        claimed.ids.append(row.id)
-        claimed.payloads.append(row.payload)
-        claimed.uris.append(row.payload_uri)
+        claimed.add(row)
     return claimed
 
 
-def _produce(conn: sa.Connection, production: Production, now: datetime) -> int:
+def _produce(conn: sa.Connection, production: Production, now: datetime) -> tuple[int, list[str]]:
+    """Insert an output's rows; returns their count and the blobs of the rows it replaced."""
     out = production.output
+    replaced = list(conn.execute(q.unconsumed_uris(out.output_id)).scalars())
     conn.execute(q.replace_unconsumed(out.output_id))
     base = {
         "output_id": out.output_id,
@@ -540,18 +656,30 @@ def _produce(conn: sa.Connection, production: Production, now: datetime) -> int:
     for chunk in _chunks(_rows(production, base), INSERT_CHUNK):
         conn.execute(q.insert_items(), chunk)
         count += len(chunk)
-    return count
+    return count, replaced
 
 
 def _rows(production: Production, base: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if production.mode == ITEMS:
         for seq, payload in enumerate(production.payloads):
-            yield {**base, "slot": SHARED_SLOT, "seq": seq, "payload": payload, "payload_size": len(payload)}
+            yield {**base, "slot": SHARED_SLOT, "seq": seq, **_payload_columns(payload)}
         return
     (payload,) = production.payloads
+    columns = _payload_columns(payload)
     slots = sorted(production.consumers) if production.mode == EACH else [SHARED_SLOT]
-    for slot in slots:
-        yield {**base, "slot": slot, "seq": 0, "payload": payload, "payload_size": len(payload)}
+    for slot in slots:  # mode each: every slot's row shares the one payload (and blob)
+        yield {**base, "slot": slot, "seq": 0, **columns}
+
+
+def _payload_columns(payload: bytes | Offloaded) -> dict[str, Any]:
+    if isinstance(payload, Offloaded):
+        return {
+            "payload": None,
+            "payload_uri": payload.uri,
+            "payload_size": payload.size,
+            "payload_sha256": payload.sha256,
+        }
+    return {"payload": payload, "payload_uri": None, "payload_size": len(payload), "payload_sha256": None}
 
 
 def _chunks(rows: Iterable[_T], size: int) -> Iterator[list[_T]]:

@@ -31,6 +31,8 @@ _CLAIM_COLUMNS = (
     item.c.consumed_at,
     item.c.payload,
     item.c.payload_uri,
+    item.c.payload_size,
+    item.c.payload_sha256,
 )
 
 
@@ -169,12 +171,18 @@ def _held_by(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: i
 
 
 def mark_consumed(
-    ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, now: datetime, ti_key: str
+    ids: Sequence[int],
+    owner: tuple[str, str, str, int],
+    try_number: int,
+    now: datetime,
+    ti_key: str,
+    keep_payload: bool = False,
 ) -> sa.Update:
+    values = {"state": CONSUMED, "consumed_at": now, "lease_expires_at": None}
     return (
         sa.update(item)
         .where(_held_by(ids, owner, try_number), not_fenced(ti_key, try_number))
-        .values(state=CONSUMED, consumed_at=now, lease_expires_at=None, payload=None)
+        .values(**values if keep_payload else {**values, "payload": None})
     )
 
 
@@ -211,6 +219,32 @@ _UNCLAIMED = {
     "claimed_at": None,
     "lease_expires_at": None,
 }
+
+
+def unconsumed_uris(output_id: str) -> sa.Select:
+    """Blobs of what :func:`replace_unconsumed` is about to delete."""
+    return sa.select(item.c.payload_uri).where(
+        item.c.output_id == output_id, item.c.state != CONSUMED, item.c.payload_uri.is_not(None)
+    )
+
+
+def needed_uris(uris: Sequence[str], keep_consumed: bool) -> sa.Select:
+    """Which of ``uris`` some row still needs: an unconsumed one (or any, if payloads are kept)."""
+    stmt = sa.select(item.c.payload_uri).where(item.c.payload_uri.in_(uris)).distinct()
+    return stmt if keep_consumed else stmt.where(item.c.state != CONSUMED)
+
+
+def output_uris(output_id: str, generation: int) -> sa.Select:
+    return (
+        sa.select(item.c.payload_uri)
+        .where(item.c.output_id == output_id, item.c.generation == generation, item.c.payload_uri.is_not(None))
+        .distinct()
+    )
+
+
+def delete_output(output_id: str, generation: int) -> sa.Delete:
+    """Every row of one generation of an output (Airflow purged its handle)."""
+    return sa.delete(item).where(item.c.output_id == output_id, item.c.generation == generation)
 
 
 def replace_unconsumed(output_id: str) -> sa.Delete:
@@ -251,30 +285,73 @@ def count_by_state() -> sa.Select:
 
 
 def storage_stats() -> sa.Select:
-    """Bytes still held inline and the oldest item nobody has consumed yet."""
+    """Bytes stored (inline and offloaded) and the oldest item nobody has consumed yet."""
     unconsumed = item.c.state != CONSUMED
+    offloaded = item.c.payload_uri.is_not(None)
     return sa.select(
         sa.func.coalesce(sa.func.sum(sa.case((unconsumed, item.c.payload_size), else_=0)), 0).label("bytes"),
+        sa.func.coalesce(sa.func.sum(sa.case((sa.and_(unconsumed, offloaded), item.c.payload_size), else_=0)), 0).label(
+            "offloaded_bytes"
+        ),
         sa.func.min(sa.case((unconsumed, item.c.created_at), else_=None)).label("oldest_unconsumed"),
     )
 
 
-def consumed_before(cutoff: datetime, limit: int) -> sa.Select:
-    """A bounded batch of purgeable ids, so purging a million rows never holds long locks."""
+def purgeable(consumed_before: datetime, expired_before: datetime | None, now: datetime) -> sa.ColumnElement[bool]:
+    """Rows retention may delete: consumed long enough ago, or expired unread.
+
+    Expired: created before ``expired_before`` and not under a live claim. The condition is
+    repeated in the DELETE itself, so a row claimed meanwhile is not deleted.
+    """
+    done = sa.and_(item.c.state == CONSUMED, item.c.consumed_at < consumed_before)
+    if expired_before is None:
+        return done
+    unclaimed = sa.or_(item.c.state == READY, item.c.lease_expires_at < now)
+    expired = sa.and_(item.c.state != CONSUMED, item.c.created_at < expired_before, unclaimed)
+    return sa.or_(done, expired)
+
+
+def purge_batch(condition: sa.ColumnElement[bool], after_id: int, limit: int) -> sa.Select:
+    """The next bounded batch, walking the primary key: each batch costs the same, however
+    many rows were purged before it, and no transaction holds locks for long."""
     return (
-        sa.select(item.c.id)
-        .where(item.c.state == CONSUMED, item.c.consumed_at < cutoff)
+        sa.select(item.c.id, item.c.payload_uri).where(item.c.id > after_id, condition).order_by(item.c.id).limit(limit)
+    )
+
+
+def count_where(condition: sa.ColumnElement[bool]) -> sa.Select:
+    return sa.select(sa.func.count()).where(condition)
+
+
+def delete_where(ids: Sequence[int], condition: sa.ColumnElement[bool]) -> sa.Delete:
+    return sa.delete(item).where(item.c.id.in_(ids), condition)
+
+
+def stored_payloads(after_id: int, limit: int, with_consumed_blobs: bool) -> sa.Select:
+    """Rows whose stored payload key rotation rewrites, walking the primary key."""
+    blob: sa.ColumnElement[bool] = item.c.payload_uri.is_not(None)
+    if not with_consumed_blobs:
+        blob = sa.and_(blob, item.c.state != CONSUMED)
+    return (
+        sa.select(item.c.id, item.c.payload, item.c.payload_uri, item.c.payload_size, item.c.payload_sha256)
+        .where(item.c.id > after_id, sa.or_(item.c.payload.is_not(None), blob))
         .order_by(item.c.id)
         .limit(limit)
     )
 
 
-def count_consumed_before(cutoff: datetime) -> sa.Select:
-    return sa.select(sa.func.count()).where(item.c.state == CONSUMED, item.c.consumed_at < cutoff)
+def set_payload(item_id: int, old: bytes, new: bytes) -> sa.Update:
+    """Compare-and-set: a row that changed meanwhile (consumed, replaced) is left alone."""
+    return sa.update(item).where(item.c.id == item_id, item.c.payload == old).values(payload=new, payload_size=len(new))
 
 
-def delete_ids(ids: Sequence[int]) -> sa.Delete:
-    return sa.delete(item).where(item.c.id.in_(ids), item.c.state == CONSUMED)
+def move_blob(old_uri: str, new_uri: str, size: int, sha256: str) -> sa.Update:
+    """Point unclaimed rows at a rewritten blob; rows being read keep the old one this time."""
+    return (
+        sa.update(item)
+        .where(item.c.payload_uri == old_uri, item.c.state == READY)
+        .values(payload_uri=new_uri, payload_size=size, payload_sha256=sha256)
+    )
 
 
 def get_meta(name: str) -> sa.Select:

@@ -54,6 +54,7 @@ item = sa.Table(
     sa.Column("payload", _Blob, nullable=True),
     sa.Column("payload_uri", sa.String(1024), nullable=True),
     sa.Column("payload_size", sa.BigInteger(), nullable=False),
+    sa.Column("payload_sha256", sa.String(64), nullable=True),  # version 4: an offloaded blob's digest
     # The claim: state, owning task instance and try (the fence), lease.
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("owner_dag_id", sa.String(250), nullable=True),
@@ -114,5 +115,12 @@ def _v3(conn: sa.Connection) -> None:
     fence.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: sa.Connection) -> None:
+    """Offloaded payloads: the blob's SHA-256, checked on every read."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns(item.name)}
+    if "payload_sha256" not in columns:  # a ledger made by version 1 code; v1 today includes it
+        conn.execute(sa.text(f"ALTER TABLE {item.name} ADD COLUMN payload_sha256 VARCHAR(64)"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)

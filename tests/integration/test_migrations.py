@@ -3,6 +3,7 @@ and the configured ledger makes its own schema on first use."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 from collections.abc import Iterator
@@ -48,6 +49,14 @@ def _indexes(engine: sa.Engine) -> set[str]:
         fresh.dispose()
 
 
+def _columns(engine: sa.Engine) -> set[str]:
+    fresh = sa.create_engine(engine.url, poolclass=sa.NullPool)
+    try:
+        return {c["name"] for c in sa.inspect(fresh).get_columns(item.name)}
+    finally:
+        fresh.dispose()
+
+
 def _meta_rows(engine: sa.Engine) -> list[tuple[str, str]]:
     with engine.connect() as conn:
         return sorted((r.name, r.value) for r in conn.execute(sa.select(meta.c.name, meta.c.value)))
@@ -58,6 +67,8 @@ def _make_v1(engine: sa.Engine) -> str:
     secret = secrets.token_hex(32)
     with engine.begin() as conn:
         MIGRATIONS[0](conn)
+        # Today's table definition has the columns later versions added; a real v1 had not.
+        conn.execute(sa.text(f"ALTER TABLE {item.name} DROP COLUMN payload_sha256"))
         conn.execute(sa.insert(meta).values(name="schema_version", value="1"))
         conn.execute(sa.insert(meta).values(name="signing_secret", value=secret))
     return secret
@@ -85,6 +96,33 @@ def _claim_as_v1(engine: sa.Engine, holder: Claimant, n: int) -> list[int]:
     return ids
 
 
+def _produce_as_v1(engine: sa.Engine, n: int) -> None:
+    """Items as version-1 code inserted them (today's rows carry later columns)."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    rows = [
+        {
+            "output_id": OUTPUT.output_id,
+            "dag_id": OUTPUT.dag_id,
+            "run_id": OUTPUT.run_id,
+            "task_id": OUTPUT.task_id,
+            "map_index": OUTPUT.map_index,
+            "key": OUTPUT.key,
+            "generation": 1,
+            "mode": ITEMS,
+            "consumers": json.dumps(sorted(CONSUMERS)),
+            "slot": "*",
+            "seq": i,
+            "payload": f"v-{i}".encode(),
+            "payload_size": len(f"v-{i}"),
+            "state": "ready",
+            "created_at": now,
+        }
+        for i in range(n)
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(item), rows)
+
+
 def _produce(ledger: Ledger, n: int) -> None:
     assert ledger.produce(Production(OUTPUT, 1, ITEMS, CONSUMERS, [f"v-{i}".encode() for i in range(n)])) == n
 
@@ -93,18 +131,21 @@ def test_a_version_1_ledger_is_upgraded_in_place_keeping_its_rows(ledger_url: st
     engine = create_engine(ledger_url)
     ledger = Ledger(engine)
     secret = _make_v1(engine)
-    _produce(ledger, 12)
+    _produce_as_v1(engine, 12)
     holder = Claimant(DAG, RUN, "drain", map_index=0)
     held = _claim_as_v1(engine, holder, 5)  # a claim in flight across the upgrade
-    before = sorted((r["id"], r["seq"], r["state"]) for r in ledger.items())
+    with engine.connect() as conn:  # read as version-1 code would: today's items() wants later columns
+        before = sorted(tuple(r) for r in conn.execute(sa.select(item.c.id, item.c.seq, item.c.state)))
     assert ledger.schema_version() == 1
     assert CLAIMABLE_INDEX not in _indexes(engine)
+    assert "payload_sha256" not in _columns(engine)
     assert SCHEMA_VERSION >= 2
 
     assert ledger.migrate() == SCHEMA_VERSION
 
     assert ledger.schema_version() == SCHEMA_VERSION
     assert CLAIMABLE_INDEX in _indexes(engine)
+    assert "payload_sha256" in _columns(engine)
     assert _meta_rows(engine) == [("schema_version", str(SCHEMA_VERSION)), ("signing_secret", secret)]
     assert sorted((r["id"], r["seq"], r["state"]) for r in ledger.items()) == before
     assert ledger.counts() == {"claimed": 5, "ready": 7}
@@ -183,7 +224,7 @@ def test_concurrent_migrators_all_succeed_and_agree(backend: str, tmp_path: Path
             secret = None
             if start == "v1":
                 secret = _make_v1(engine)
-                _produce(Ledger(engine), 3)
+                _produce_as_v1(engine, 3)
 
             assert _migrate_concurrently(url) == [SCHEMA_VERSION] * MIGRATORS
 

@@ -7,12 +7,24 @@ import datetime as dt
 import pytest
 
 from exclusive_xcom import PayloadError
+from exclusive_xcom.crypto import Keyring
 from exclusive_xcom.handle import Handle, is_handle, parse
 from exclusive_xcom.ledger import Output
-from exclusive_xcom.payload import dumps, loads
+from exclusive_xcom.payload import Codec
 from exclusive_xcom.runtime import find_handles, replace_handles
 
-SECRET = b"k" * 32
+SECRET = Keyring(ledger_secret=b"k" * 32)
+CODEC = Codec(Keyring(ledger_secret=b"k" * 32), threshold=1 << 20)
+
+
+def dumps(value: object) -> bytes:
+    stored = CODEC.encode(value, "unused")
+    assert isinstance(stored, bytes)
+    return stored
+
+
+def loads(data: bytes) -> object:
+    return CODEC.decode(data)
 
 
 def _handle() -> Handle:
@@ -36,7 +48,7 @@ def test_altered_handle_is_refused(field: str, value: object) -> None:
 
 def test_handle_signed_with_another_key_is_refused() -> None:
     with pytest.raises(PayloadError, match="signature mismatch"):
-        parse(_handle().to_xcom(b"other"), SECRET)
+        parse(_handle().to_xcom(Keyring(ledger_secret=b"other")), SECRET)
 
 
 def test_malformed_handle_names_the_missing_field() -> None:

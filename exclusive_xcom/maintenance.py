@@ -1,0 +1,140 @@
+"""Keeping a ledger healthy for months: retention purge, orphan sweep, key rotation.
+
+Shared by the ``exclusive-xcom`` CLI and the ready-made maintenance DAG
+(``example_dags/exclusive_maintenance.py``), so both apply the same rules. Rows go in
+bounded batches (one short transaction each); a blob is deleted only after the rows that
+referenced it are gone, so a crash in between leaves an orphan blob, never a dangling row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from exclusive_xcom.ledger import Ledger, Offloaded
+from exclusive_xcom.payload import Codec
+
+log = logging.getLogger("exclusive_xcom")
+
+
+@dataclass
+class PurgeReport:
+    rows: int = 0
+    blobs: int = 0
+    orphans: int = 0
+    dry_run: bool = False
+
+    def __str__(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return f"{verb} {self.rows} item(s), {self.blobs} blob(s) and {self.orphans} orphaned blob(s)"
+
+
+def purge(
+    ledger: Ledger,
+    codec: Codec,
+    older_than: timedelta,
+    *,
+    expired_after: timedelta | None = None,
+    batch: int = 1000,
+    dry_run: bool = False,
+    sweep: bool = True,
+) -> PurgeReport:
+    """Delete consumed items older than ``older_than`` (and, with ``expired_after``, unread
+    ones older than that), their blobs, and blobs no row references written before the
+    cutoff (a producer that died between writing a blob and committing its row)."""
+    report = PurgeReport(dry_run=dry_run)
+
+    def drop_blobs(uris: list[str]) -> None:
+        report.blobs += codec.store.delete(uris)
+
+    report.rows = ledger.purge(
+        older_than, expired_after=expired_after, batch=batch, dry_run=dry_run, on_blobs=drop_blobs
+    )
+    if sweep and _has_store(codec):
+        cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - older_than
+        report.orphans = _sweep(ledger, codec, cutoff, batch, dry_run)
+    log.info("exclusive_xcom: purge %s", report)
+    return report
+
+
+def run_retention(older_than: str = "", expired_after: str = "", dry_run: bool = False) -> PurgeReport:
+    """Purge with this process's configuration: ``retention`` and ``expire_after`` unless
+    overridden (durations such as ``7d``); what the maintenance DAG runs."""
+    from exclusive_xcom.config import parse_duration
+    from exclusive_xcom.runtime import env
+
+    current = env()
+    older = parse_duration(older_than, "older_than") if older_than else current.settings.retention
+    expired = parse_duration(expired_after, "expired_after") if expired_after else current.settings.expire_after
+    return purge(current.ledger, current.codec, older, expired_after=expired, dry_run=dry_run)
+
+
+def _has_store(codec: Codec) -> bool:
+    try:
+        return bool(codec.store.base.exists())
+    except Exception as exc:  # an unreachable store must not stop the row purge
+        log.warning("exclusive_xcom: cannot list offloaded payloads for the orphan sweep: %s", exc)
+        return False
+
+
+def _sweep(ledger: Ledger, codec: Codec, cutoff: datetime, batch: int, dry_run: bool) -> int:
+    orphans = 0
+    pending: list[str] = []
+
+    def flush() -> None:
+        nonlocal orphans
+        unreferenced = [u for u in pending if u not in ledger.blob_uris(pending)]
+        orphans += len(unreferenced) if dry_run else codec.store.delete(unreferenced)
+        pending.clear()
+
+    for uri in codec.store.older_than(cutoff):
+        pending.append(uri)
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    return orphans
+
+
+@dataclass
+class RotationReport:
+    rewritten: int = 0
+    skipped: int = 0  # changed meanwhile, or a blob being read right now: run again later
+
+    def __str__(self) -> str:
+        return f"re-encrypted {self.rewritten} payload(s) under the newest key; {self.skipped} busy, run again"
+
+
+def rotate_keys(ledger: Ledger, codec: Codec, *, batch: int = 500) -> RotationReport:
+    """Re-encrypt every stored payload (inline and offloaded) under the newest key.
+
+    Afterwards the older keys can leave ``secret_key`` once no handle signed with them is
+    still waiting for its consumer: handles are signed, not encrypted, and are not rewritten.
+    """
+    report, after, moved = RotationReport(), 0, set[str]()
+    while rows := ledger.stored_payloads(after, batch):
+        for row in rows:
+            if row.payload_uri is None:
+                new = b"".join(codec.reseal([row.payload]))
+                ok = ledger.replace_payload(row.id, row.payload, new)
+            elif row.payload_uri in moved:
+                continue  # another slot's row of the same blob, already repointed
+            else:
+                ok = _rotate_blob(ledger, codec, Offloaded(row.payload_uri, row.payload_size, row.payload_sha256))
+                moved.add(row.payload_uri)
+            report.rewritten += ok
+            report.skipped += not ok
+        after = rows[-1].id
+    log.info("exclusive_xcom: %s", report)
+    return report
+
+
+def _rotate_blob(ledger: Ledger, codec: Codec, old: Offloaded) -> bool:
+    folder = old.uri[: old.uri.rindex("/")]
+    base = str(codec.store.base).rstrip("/")
+    folder = folder[len(base) + 1 :] if folder.startswith(base + "/") else "rotated"
+    new = codec.store.write(folder, codec.reseal(codec.store.read(old)))
+    moved, unneeded = ledger.move_blob(old, new)
+    codec.store.delete(unneeded)
+    return moved > 0
