@@ -80,8 +80,9 @@ def measure(size: int, encrypt: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         for phase in ("produce", "consume"):
             cmd = [sys.executable, "-m", "benchmarks.memory", "--child", phase, "--bytes", str(size), "--dir", tmp]
+            root = Path(__file__).resolve().parents[1]
             out = subprocess.run(
-                cmd + (["--encrypt"] if encrypt else []), check=True, capture_output=True, text=True
+                cmd + (["--encrypt"] if encrypt else []), check=True, capture_output=True, text=True, cwd=root
             ).stdout
             results.append({**json.loads(out.strip().splitlines()[-1]), "encrypted": encrypt})
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -30,6 +31,9 @@ class UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Airflow's logging writes to stdout, which is for results (and --json) here: the
+    # library's own progress lines are for task logs, so only its warnings show.
+    logging.getLogger("exclusive_xcom").setLevel(logging.WARNING)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already reported in one line
@@ -126,6 +130,7 @@ def _release(args: argparse.Namespace) -> None:
 
 
 def _purge(args: argparse.Namespace) -> None:
+    from exclusive_xcom.config import format_duration
     from exclusive_xcom.maintenance import purge
 
     env = _env(args)
@@ -134,8 +139,8 @@ def _purge(args: argparse.Namespace) -> None:
     report = purge(
         env.ledger, env.codec, older_than, expired_after=expired_after, batch=args.batch, dry_run=args.dry_run
     )
-    expired = f" and unconsumed for more than {expired_after}" if expired_after is not None else ""
-    print(f"{report} (consumed more than {older_than} ago{expired})")
+    expired = f", or unconsumed and older than {format_duration(expired_after)}" if expired_after is not None else ""
+    print(f"{report} (consumed more than {format_duration(older_than)} ago{expired})")
 
 
 def _rotate_key(args: argparse.Namespace) -> None:
@@ -150,7 +155,9 @@ def _rotate_key(args: argparse.Namespace) -> None:
 def _stats(args: argparse.Namespace) -> None:
     stats = _ledger(args).stats()
     _emit(
-        stats, args.json, lambda: _table([{**stats["counts"], **{k: stats[k] for k in ("bytes", "oldest_unconsumed")}}])
+        stats,
+        args.json,
+        lambda: _table([{**stats["counts"], **{k: v for k, v in stats.items() if k != "counts"}}]),
     )
 
 

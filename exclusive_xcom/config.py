@@ -111,6 +111,15 @@ def parse_duration(raw: str, source: str) -> timedelta:
     return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
+def format_duration(value: timedelta) -> str:
+    """A spelling :func:`parse_duration` reads back, in the largest exact unit: ``7d``, ``90m``."""
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def _flag(name: str) -> bool:
     raw = _option(name).lower() or OPTIONS[name][1].lower()
     if raw not in ("true", "false", "1", "0", "yes", "no"):
