@@ -17,6 +17,10 @@ from exclusive_xcom.payload import Codec
 
 log = logging.getLogger("exclusive_xcom")
 
+#: A blob no row references may belong to a producer whose transaction has not committed
+#: yet: only blobs at least this old (and older than the purge cutoff) count as orphans.
+ORPHAN_GRACE = timedelta(hours=24)
+
 
 @dataclass
 class PurgeReport:
@@ -52,7 +56,7 @@ def purge(
         older_than, expired_after=expired_after, batch=batch, dry_run=dry_run, on_blobs=drop_blobs
     )
     if sweep and _has_store(codec):
-        cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - older_than
+        cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - max(older_than, ORPHAN_GRACE)
         report.orphans = _sweep(ledger, codec, cutoff, batch, dry_run)
     log.info("exclusive_xcom: purge %s", report)
     return report
@@ -84,7 +88,8 @@ def _sweep(ledger: Ledger, codec: Codec, cutoff: datetime, batch: int, dry_run: 
 
     def flush() -> None:
         nonlocal orphans
-        unreferenced = [u for u in pending if u not in ledger.blob_uris(pending)]
+        referenced = ledger.blob_uris(pending)
+        unreferenced = [u for u in pending if u not in referenced]
         orphans += len(unreferenced) if dry_run else codec.store.delete(unreferenced)
         pending.clear()
 

@@ -49,6 +49,9 @@ from exclusive_xcom.ledger.schema import (
 EACH, ONE, ITEMS = "each", "one", "items"
 MODES = (EACH, ONE, ITEMS)
 INSERT_CHUNK = 1000
+#: Fence rows outlive even a short ``purge --older-than``: a deleted fence would let a
+#: zombie try act again, so only task instances quiet for this long lose theirs.
+FENCE_RETENTION = timedelta(days=7)
 _T = TypeVar("_T")
 
 
@@ -479,7 +482,18 @@ class Ledger:
             total += deleted
             if uris and on_blobs is not None:
                 on_blobs(uris)
+        self._purge_fences(now - max(older_than, FENCE_RETENTION), batch)
         return total
+
+    def _purge_fences(self, cutoff: datetime, batch: int) -> None:
+        """The fence table holds a row per task instance ever run: it ages out with the items."""
+
+        def tx(conn: sa.Connection) -> int:
+            keys = list(conn.execute(q.stale_fences(cutoff, batch)).scalars())
+            return int(conn.execute(q.delete_fences(keys, cutoff)).rowcount) if keys else 0
+
+        while self._run(tx) == batch:
+            pass
 
     # -- key rotation -------------------------------------------------------------------------
 

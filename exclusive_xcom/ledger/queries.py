@@ -354,6 +354,15 @@ def move_blob(old_uri: str, new_uri: str, size: int, sha256: str) -> sa.Update:
     )
 
 
+def stale_fences(cutoff: datetime, limit: int) -> sa.Select:
+    """Fence rows of task instances not seen since ``cutoff``: no zombie comes back that late."""
+    return sa.select(fence.c.ti_key).where(fence.c.updated_at < cutoff).limit(limit)
+
+
+def delete_fences(ti_keys: Sequence[str], cutoff: datetime) -> sa.Delete:
+    return sa.delete(fence).where(fence.c.ti_key.in_(ti_keys), fence.c.updated_at < cutoff)
+
+
 def get_meta(name: str) -> sa.Select:
     return sa.select(meta.c.value).where(meta.c.name == name)
 

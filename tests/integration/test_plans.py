@@ -1,0 +1,119 @@
+"""Every claim-path statement is index-backed: no full scan of the item table.
+
+The ledger fills up with consumed history for months; a statement that scans the table
+gets slower with every row, which is exactly what the claimable partial index and the
+primary-key walks exist to prevent. Each statement the claim path sends is EXPLAINed on a
+ledger of 20,000 mostly consumed items (statistics refreshed), on each database.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, create_engine
+from exclusive_xcom.ledger import queries as q
+from exclusive_xcom.ledger.schema import item
+
+HISTORY = 20_000
+NOW = datetime(2026, 11, 25, 12, 0, 0)
+OWNER = ("d", "r", "worker", 0)
+LIVE = Output("d", "r", "live")
+
+
+def _fill(engine: sa.Engine) -> None:
+    """HISTORY consumed items of many old outputs, and 100 claimable ones of LIVE."""
+    base = {
+        "dag_id": "d",
+        "run_id": "r",
+        "map_index": -1,
+        "key": "return_value",
+        "generation": 1,
+        "mode": ITEMS,
+        "consumers": json.dumps(["d/worker"]),
+        "slot": "*",
+        "payload_size": 1,
+        "created_at": NOW - timedelta(days=30),
+    }
+    old = [
+        {
+            **base,
+            "output_id": Output("d", "r", f"old{i // 100}").output_id,
+            "task_id": f"old{i // 100}",
+            "seq": i % 100,
+            "state": "consumed",
+            "consumed_at": NOW - timedelta(days=20),
+        }
+        for i in range(HISTORY)
+    ]
+    live = [
+        {**base, "output_id": LIVE.output_id, "task_id": "live", "seq": i, "state": "ready", "payload": b"x"}
+        for i in range(100)
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(item), old)
+        conn.execute(sa.insert(item), live)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(
+            {"postgresql": "ANALYZE", "sqlite": "ANALYZE"}.get(engine.dialect.name, f"ANALYZE TABLE {item.name}")
+        )
+
+
+def _statements() -> dict[str, sa.Executable]:
+    ids = [HISTORY + 1, HISTORY + 2]
+    ti_key = Claimant(*OWNER).ti_key
+    lease = NOW + timedelta(minutes=5)
+    return {
+        "lock_slot": q.lock_slot(LIVE.output_id, 1, "*"),
+        "lock_batch": q.lock_batch(LIVE.output_id, 1, OWNER, 2, NOW, 100),
+        "lock_own_earlier": q.lock_own_earlier(LIVE.output_id, 1, OWNER, 2, 100),
+        "mark_claimed": q.mark_claimed(ids, OWNER, 1, NOW, lease, ti_key),
+        "mark_consumed": q.mark_consumed(ids, OWNER, 1, NOW, ti_key),
+        "extend_lease": q.extend_lease(ids, OWNER, 1, lease),
+        "release": q.release(ids, OWNER, 1),
+        "replace_unconsumed": q.replace_unconsumed(LIVE.output_id),
+        "purge_batch": q.purge_batch(q.purgeable(NOW - timedelta(days=7), NOW - timedelta(days=60), NOW), 0, 1000),
+    }
+
+
+def _plan(conn: sa.Connection, stmt: sa.Executable) -> str:
+    compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    sql = str(compiled)
+    params = compiled.params
+    if compiled.positional:
+        params = tuple(params[name] for name in compiled.positiontup or ())
+    if conn.dialect.name == "sqlite":
+        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
+        return "\n".join(str(r[-1]) for r in rows)
+    rows = conn.exec_driver_sql(f"EXPLAIN {sql}", params).mappings().all()
+    if conn.dialect.name == "postgresql":
+        return "\n".join(r["QUERY PLAN"] for r in rows)
+    return "\n".join(f"table={r['table']} type={r['type']} key={r['key']} rows={r['rows']}" for r in rows)
+
+
+def _full_scans(dialect: str, plan: str) -> list[str]:
+    """Lines of ``plan`` that read the whole item table."""
+    if dialect == "postgresql":
+        return [line for line in plan.splitlines() if "Seq Scan on exclusive_xcom_item" in line]
+    if dialect == "sqlite":  # "SCAN exclusive_xcom_item" without an index is a full scan
+        return [
+            line for line in plan.splitlines() if line.startswith("SCAN exclusive_xcom_item") and "INDEX" not in line
+        ]
+    return [line for line in plan.splitlines() if "table=exclusive_xcom_item " in line and "type=ALL" in line]
+
+
+def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
+    engine = create_engine(ledger_url)
+    Ledger(engine).migrate()
+    _fill(engine)
+    plans = {}
+    with engine.connect() as conn:
+        for name, stmt in _statements().items():
+            plans[name] = _plan(conn, stmt)
+        conn.rollback()
+    engine.dispose()
+    assert all(plans.values()), plans
+    scanning = {name: plan for name, plan in plans.items() if _full_scans(engine.dialect.name, plan)}
+    assert not scanning, "full scans of the item table:\n" + "\n\n".join(f"{n}:\n{p}" for n, p in scanning.items())
