@@ -47,4 +47,4 @@ def exclusive_xcom_maintenance():
     purge() >> stats()
 
 
-exclusive_xcom_maintenance()
+maintenance = exclusive_xcom_maintenance()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
@@ -20,7 +21,6 @@ def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) ->
     retry, and freed by its lease if no retry comes.
     """
     from airflow.sdk import get_current_context
-    from airflow.sdk.exceptions import AirflowSkipException
 
     context = get_current_context()
     ti = context["ti"]
@@ -38,6 +38,18 @@ def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) ->
             f"the handle given belongs to {found.get('dag_id')}.{found.get('task_id')}, not "
             f"{dag_id or ti.dag_id}.{task_id}"
         )
+    return claim_handle(found, context)
+
+
+def claim_handle(found: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
+    """Claim the output ``found`` (a handle) as the running task; consumed after ``execute``.
+
+    The common end of :func:`claim` and the XCom backend's ``claim_xcom``: skipped (not
+    failed) if a ``one``-mode input went to another consumer, kept for the retry if the
+    task fails.
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
     session = open_session(context, [found])
     try:
         (value,) = session.claim([found], batch_size=100, max_items=None)

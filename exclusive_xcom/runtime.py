@@ -204,7 +204,6 @@ class Session:
         except Exception:
             self._discard_written()
             raise
-        self.written.clear()
         c = self.claimant
         if self.ids:
             log.info("exclusive_xcom: %s consumed %s", c, _describe_ids(self.ids))
@@ -214,6 +213,7 @@ class Session:
             metrics.produced(
                 self.produced_items, dag_id=c.dag_id, task_id=c.task_id, offloaded_bytes=self.offloaded_bytes
             )
+        self.written.clear()  # committed: from now on these blobs are the ledger's
         if stale:
             self.env.codec.store.delete(stale)
 

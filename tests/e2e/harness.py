@@ -124,18 +124,26 @@ class Airflow:
     def env(self, ledger_url: str | None) -> dict[str, str]:
         return airflow_env(self.home, self.dags, ledger_url)
 
-    def test(self, dag_files: list[Path], runs: list[dict[str, Any]], ledger_url: str | None) -> Result:
+    def test(
+        self,
+        dag_files: list[Path],
+        runs: list[dict[str, Any]],
+        ledger_url: str | None,
+        env: dict[str, str] | None = None,
+    ) -> Result:
         """Copy ``dag_files`` into the dags folder and ``dag.test()`` each of ``runs`` in one process.
 
         A run is ``{"dag_id": ..., "conf": {...}}`` or ``{"dag_id": ..., "conf_from_triggered": dag_id}``
-        (the conf that a TriggerDagRunOperator passed to the newest run of ``dag_id``).
+        (the conf that a TriggerDagRunOperator passed to the newest run of ``dag_id``). ``env`` adds
+        environment variables to the Airflow process (e.g. ``AIRFLOW__CORE__XCOM_BACKEND``, which
+        Airflow reads once, at import).
         """
         files = [str(self.add_dag(f)) for f in dag_files]
         spec = self.home / "e2e_spec.json"
         spec.write_text(json.dumps({"files": files, "runs": runs}))
         proc = subprocess.run(
             [sys.executable, str(DRIVER), str(spec)],
-            env=self.env(ledger_url),
+            env={**self.env(ledger_url), **(env or {})},
             cwd=self.home,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,64 @@
+"""Running it for months, under real Airflow: offloaded and encrypted payloads, retention.
+
+A payload above the threshold goes to object storage (the harness points ``offload_path``
+at the test's Airflow home), encrypted under ``secret_key``; the ready-made maintenance
+DAG then purges the consumed rows and their blobs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from exclusive_xcom.payload import MAGIC
+
+from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, ledger_rows
+
+pytestmark = pytest.mark.e2e
+
+SUCCESS = "success"
+MARKER = b"plaintext-marker-"
+
+
+def test_big_payload_is_offloaded_encrypted_read_once_and_purged_by_the_maintenance_dag(
+    airflow: Airflow, ledger_url: str
+) -> None:
+    env = {
+        "AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY": "new-key,old-key",
+        "AIRFLOW__EXCLUSIVE_XCOM__KEEP_CONSUMED_PAYLOADS": "True",  # so the blob can be inspected after
+    }
+    first = airflow.test([TEST_DAGS / "offload_big.py"], [{"dag_id": "offload_big"}], ledger_url, env=env)
+    run = first.run
+    assert run.state == SUCCESS, first.tail()
+    assert [x["value"] for x in run.xcoms("measure", "return_value")] == [150_000]
+
+    (row,) = ledger_rows(ledger_url)
+    assert row["state"] == "consumed" and row["owner_task_id"] == "measure"
+    assert row["payload"] is None, "the payload lives in object storage, only its URI in the ledger"
+    uri, offload = row["payload_uri"], airflow.home / "offload"
+    assert uri.startswith(f"file://{offload}/") and len(row["payload_sha256"]) == 64
+    blob = offload / uri.removeprefix(f"file://{offload}/")
+    stored = blob.read_bytes()
+    assert len(stored) == row["payload_size"] > 3_000_000
+    assert stored.startswith(MAGIC) and MARKER not in stored, "the blob is encrypted at rest"
+
+    purged = airflow.test(
+        [EXAMPLE_DAGS / "exclusive_maintenance.py"],
+        [{"dag_id": "exclusive_xcom_maintenance", "conf": {"older_than": "0s"}}],
+        ledger_url,
+        env=env,
+    )
+    maintenance = purged.run
+    assert maintenance.state == SUCCESS, purged.tail()
+    (report,) = [x["value"] for x in maintenance.xcoms("purge", "return_value")]
+    assert report == {"rows": 1, "blobs": 1, "orphans": 0, "dry_run": False}, report
+    assert ledger_rows(ledger_url) == []
+    assert not blob.exists(), "the purge deleted the consumed item's blob"
+
+
+def test_without_retention_the_blob_goes_as_soon_as_its_item_is_consumed(airflow: Airflow, ledger_url: str) -> None:
+    result = airflow.test([TEST_DAGS / "offload_big.py"], [{"dag_id": "offload_big"}], ledger_url)
+    assert result.run.state == SUCCESS, result.tail()
+    (row,) = ledger_rows(ledger_url)
+    assert row["state"] == "consumed" and row["payload_uri"]
+    assert [p for p in (airflow.home / "offload").rglob("*.blob")] == [], "consumed blob was not deleted"
+    assert "offloaded (" in result.tail(100_000), "the producer's log line reports the offload"
