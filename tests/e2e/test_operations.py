@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from exclusive_xcom.payload import MAGIC
+from tests.integration.test_metrics import Listener
 
 from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, ledger_rows
 
@@ -62,3 +63,35 @@ def test_without_retention_the_blob_goes_as_soon_as_its_item_is_consumed(airflow
     assert row["state"] == "consumed" and row["payload_uri"]
     assert [p for p in (airflow.home / "offload").rglob("*.blob")] == [], "consumed blob was not deleted"
     assert "offloaded (" in result.tail(100_000), "the producer's log line reports the offload"
+
+
+def test_claims_are_counted_through_airflows_statsd_and_logged_once_each(airflow: Airflow, ledger_url: str) -> None:
+    listener = Listener()
+    try:
+        env = {
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(listener.port),
+            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+        }
+        result = airflow.test([EXAMPLE_DAGS / "exclusive_etl.py"], [{"dag_id": "exclusive_etl"}], ledger_url, env=env)
+        lines = [line for line in listener.lines() if ".exclusive_xcom." in line]
+    finally:
+        listener.sock.close()
+    assert result.run.state == SUCCESS, result.tail()
+    counters = sorted(line for line in lines if line.endswith("|c"))
+    assert counters == [
+        "airflow.exclusive_xcom.claimed:1|c",  # transform claims extract's output
+        "airflow.exclusive_xcom.claimed:1|c",  # load claims transform's output
+        "airflow.exclusive_xcom.consumed:1|c",
+        "airflow.exclusive_xcom.consumed:1|c",
+        "airflow.exclusive_xcom.produced:1|c",  # extract
+        "airflow.exclusive_xcom.produced:1|c",  # transform
+    ], lines
+    assert len([line for line in lines if line.startswith("airflow.exclusive_xcom.claim_latency:")]) == 2, lines
+    claims = [line for line in result.tail(100_000).splitlines() if "exclusive_xcom: claimed item" in line]
+    assert len(claims) == 2, claims
+    assert any(
+        "of exclusive_etl/" in c and "/extract (mode each) for exclusive_etl/" in c and "/transform try 1" in c
+        for c in claims
+    ), claims
