@@ -117,29 +117,31 @@ def rotate_keys(ledger: Ledger, codec: Codec, *, batch: int = 500) -> RotationRe
     Afterwards the older keys can leave ``secret_key`` once no handle signed with them is
     still waiting for its consumer: handles are signed, not encrypted, and are not rewritten.
     """
-    report, after, moved = RotationReport(), 0, set[str]()
+    report, after, seen = RotationReport(), 0, set[str]()
     while rows := ledger.stored_payloads(after, batch):
         for row in rows:
             if row.payload_uri is None:
-                new = b"".join(codec.reseal([row.payload]))
-                ok = ledger.replace_payload(row.id, row.payload, new)
-            elif row.payload_uri in moved:
-                continue  # another slot's row of the same blob, already repointed
-            else:
-                ok = _rotate_blob(ledger, codec, Offloaded(row.payload_uri, row.payload_size, row.payload_sha256))
-                moved.add(row.payload_uri)
-            report.rewritten += ok
-            report.skipped += not ok
+                ok = ledger.replace_payload(row.id, row.payload, b"".join(codec.reseal([row.payload])))
+                report.rewritten += ok
+                report.skipped += not ok
+            elif row.payload_uri not in seen:  # a blob is shared by the slots of one output
+                seen.add(row.payload_uri)
+                moved, left = _rotate_blob(
+                    ledger, codec, Offloaded(row.payload_uri, row.payload_size, row.payload_sha256)
+                )
+                report.rewritten += moved
+                report.skipped += left
         after = rows[-1].id
     log.info("exclusive_xcom: %s", report)
     return report
 
 
-def _rotate_blob(ledger: Ledger, codec: Codec, old: Offloaded) -> bool:
+def _rotate_blob(ledger: Ledger, codec: Codec, old: Offloaded) -> tuple[int, int]:
+    """Rewrite one blob under the newest key; returns rows moved to it and rows left behind."""
     folder = old.uri[: old.uri.rindex("/")]
     base = str(codec.store.base).rstrip("/")
     folder = folder[len(base) + 1 :] if folder.startswith(base + "/") else "rotated"
     new = codec.store.write(folder, codec.reseal(codec.store.read(old)))
-    moved, unneeded = ledger.move_blob(old, new)
+    moved, left, unneeded = ledger.move_blob(old, new)
     codec.store.delete(unneeded)
-    return moved > 0
+    return moved, left

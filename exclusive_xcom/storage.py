@@ -90,14 +90,19 @@ class BlobStore:
             )
 
     def delete(self, uris: Iterable[str]) -> int:
-        """Delete blobs, best effort: a blob that stays behind is swept by ``purge`` later."""
+        """Delete blobs, best effort; returns how many existed and are gone now.
+
+        A blob that stays behind (storage down) is swept by ``purge`` later.
+        """
         from airflow.sdk import ObjectStoragePath
 
         deleted = 0
         for uri in uris:
             try:
-                ObjectStoragePath(uri).unlink(missing_ok=True)
+                ObjectStoragePath(uri).unlink()
                 deleted += 1
+            except FileNotFoundError:  # already gone (e.g. deleted when its item was consumed)
+                pass
             except Exception as exc:  # storage down: the sweep will find it
                 log.warning("exclusive_xcom: could not delete offloaded payload %s: %s", uri, exc)
         return deleted

@@ -470,12 +470,13 @@ class Ledger:
         total, after = 0, 0
 
         def tx(conn: sa.Connection) -> tuple[int, int, list[str]]:
-            """One batch after id ``after``; returns rows deleted, the next ``after`` (-1: done), blobs."""
-            rows = conn.execute(q.purge_batch(condition, after, batch)).all()
-            if not rows:
+            """One id window after ``after``; returns rows deleted, the next ``after`` (-1: done), blobs."""
+            first = conn.execute(q.next_id(after)).scalar()
+            if first is None:
                 return 0, -1, []
-            deleted = conn.execute(q.delete_where([r.id for r in rows], condition)).rowcount
-            return int(deleted), rows[-1].id, self._unneeded(conn, [r.payload_uri for r in rows if r.payload_uri])
+            rows = conn.execute(q.purge_window(condition, first, batch)).all()
+            deleted = conn.execute(q.delete_where([r.id for r in rows], condition)).rowcount if rows else 0
+            return int(deleted), first + batch - 1, self._unneeded(conn, [r.payload_uri for r in rows if r.payload_uri])
 
         while after >= 0:
             deleted, after, uris = self._run(tx)
@@ -505,12 +506,17 @@ class Ledger:
     def replace_payload(self, item_id: int, old: bytes, new: bytes) -> bool:
         return bool(self._run(lambda conn: conn.execute(q.set_payload(item_id, old, new)).rowcount))
 
-    def move_blob(self, old: Offloaded, new: Offloaded) -> tuple[int, list[str]]:
-        """Repoint unclaimed rows from ``old`` to ``new``; returns how many, and the blobs now unneeded."""
+    def move_blob(self, old: Offloaded, new: Offloaded) -> tuple[int, int, list[str]]:
+        """Repoint the unclaimed rows of ``old`` to ``new``.
 
-        def tx(conn: sa.Connection) -> tuple[int, list[str]]:
-            moved = conn.execute(q.move_blob(old.uri, new.uri, new.size, new.sha256)).rowcount
-            return int(moved), self._unneeded(conn, [old.uri] if moved else [new.uri])
+        Returns rows moved, rows left on ``old`` (claimed: a later run moves them), and the
+        blobs no row needs any more.
+        """
+
+        def tx(conn: sa.Connection) -> tuple[int, int, list[str]]:
+            moved = int(conn.execute(q.move_blob(old.uri, new.uri, new.size, new.sha256)).rowcount)
+            left = int(conn.execute(q.count_blob_rows(old.uri)).scalar_one())
+            return moved, left, self._unneeded(conn, [old.uri] if moved else [new.uri])
 
         return self._run(tx)
 

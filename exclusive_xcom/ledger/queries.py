@@ -302,20 +302,35 @@ def purgeable(consumed_before: datetime, expired_before: datetime | None, now: d
 
     Expired: created before ``expired_before`` and not under a live claim. The condition is
     repeated in the DELETE itself, so a row claimed meanwhile is not deleted.
+
+    ``state`` is read through ``coalesce(state, state)`` on purpose: it keeps planners off
+    the state index, so purge statements go by the primary-key window they are given.
+    Without statistics SQLite would otherwise take ``state = 'consumed'`` as selective and
+    re-read every remaining consumed row for each batch (quadratic).
     """
-    done = sa.and_(item.c.state == CONSUMED, item.c.consumed_at < consumed_before)
+    state = sa.func.coalesce(item.c.state, item.c.state)
+    done = sa.and_(state == CONSUMED, item.c.consumed_at < consumed_before)
     if expired_before is None:
         return done
-    unclaimed = sa.or_(item.c.state == READY, item.c.lease_expires_at < now)
-    expired = sa.and_(item.c.state != CONSUMED, item.c.created_at < expired_before, unclaimed)
+    unclaimed = sa.or_(state == READY, item.c.lease_expires_at < now)
+    expired = sa.and_(state != CONSUMED, item.c.created_at < expired_before, unclaimed)
     return sa.or_(done, expired)
 
 
-def purge_batch(condition: sa.ColumnElement[bool], after_id: int, limit: int) -> sa.Select:
-    """The next bounded batch, walking the primary key: each batch costs the same, however
-    many rows were purged before it, and no transaction holds locks for long."""
-    return (
-        sa.select(item.c.id, item.c.payload_uri).where(item.c.id > after_id, condition).order_by(item.c.id).limit(limit)
+def next_id(after_id: int) -> sa.Select:
+    """The first id above ``after_id`` (a primary-key seek): purge windows skip id gaps."""
+    return sa.select(sa.func.min(item.c.id)).where(item.c.id > after_id)
+
+
+def purge_window(condition: sa.ColumnElement[bool], first_id: int, width: int) -> sa.Select:
+    """Purgeable rows among ids ``[first_id, first_id + width)``.
+
+    A bounded id window, not ``ORDER BY id LIMIT n``: with the latter a planner may pick
+    the state index and sort every remaining row for each batch (quadratic, and on SQLite
+    a write lock held for seconds); a primary-key range is cheap whatever the statistics.
+    """
+    return sa.select(item.c.id, item.c.payload_uri).where(
+        item.c.id >= first_id, item.c.id < first_id + width, condition
     )
 
 
@@ -346,12 +361,17 @@ def set_payload(item_id: int, old: bytes, new: bytes) -> sa.Update:
 
 
 def move_blob(old_uri: str, new_uri: str, size: int, sha256: str) -> sa.Update:
-    """Point unclaimed rows at a rewritten blob; rows being read keep the old one this time."""
+    """Point the rows of a blob at its rewritten copy, except claimed ones: their holder may
+    be reading the old blob right now, so they move on a later run."""
     return (
         sa.update(item)
-        .where(item.c.payload_uri == old_uri, item.c.state == READY)
+        .where(item.c.payload_uri == old_uri, item.c.state != CLAIMED)
         .values(payload_uri=new_uri, payload_size=size, payload_sha256=sha256)
     )
+
+
+def count_blob_rows(uri: str) -> sa.Select:
+    return sa.select(sa.func.count()).where(item.c.payload_uri == uri)
 
 
 def stale_fences(cutoff: datetime, limit: int) -> sa.Select:
