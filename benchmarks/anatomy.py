@@ -1,0 +1,290 @@
+"""Where the library's claim path spends its time: statements, round trips, client CPU.
+
+For one single-item claim and one finish (mode ``items``, the path of cases 1 and 2):
+
+* statements the ledger sends (SQLAlchemy ``before_cursor_execute``), transactions
+  (``begin`` events) and pool checkouts (each one costs a ``SELECT 1`` with ``pool_pre_ping``);
+* network round trips, counted as ``sendto`` system calls by ``strace`` in a child process
+  (the difference between N cycles and none, over N), so BEGIN, COMMIT and pings count too;
+* wall and client CPU time per call, and the time to build the Core statements alone;
+* a cProfile of claim+finish cycles (batch 1 and 100): client time by package, top functions.
+
+PostgreSQL runs with ``synchronous_commit=off`` so the client's own cost is not hidden
+behind the disk's flush. The bare two-transaction SQL of case 1 needs 2 statements,
+2 round trips and no client work beyond the driver's.
+
+``python -m benchmarks.anatomy --child URL N claim|cycle`` is the child that strace watches.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from benchmarks.db import DAG, DURABILITY, GENERATION, RUN, fill_items, fresh_database, migrated_ledger
+from benchmarks.settings import Settings
+from benchmarks.workloads import CONSUMER, CONSUMERS
+from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, create_engine
+from exclusive_xcom.ledger import queries as q
+
+POOL = 60_000
+BATCHES = (1, 100)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _claimant() -> Claimant:
+    return Claimant(DAG, RUN, CONSUMER, map_index=0)
+
+
+def _request(limit: int = 1) -> ClaimRequest:
+    return ClaimRequest(Output(DAG, RUN, "pool"), GENERATION, ITEMS, CONSUMERS, limit=limit)
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    cycles = 100 if settings.quick else 200
+    rows, profile = [], {}
+    for db, url, options in (
+        ("postgresql", settings.pg_url, DURABILITY["async"]),
+        ("mariadb", settings.mysql_url, {}),
+    ):
+        with fresh_database(url, options) as bench_url:
+            ledger = migrated_ledger(bench_url)
+            try:
+                fill_items(ledger.engine, Output(DAG, RUN, "pool"), POOL, consumers=CONSUMERS)
+                counts = _count_statements(ledger)
+                trips = _round_trips(bench_url, cycles)
+                for limit in BATCHES:
+                    timing = _time_calls(ledger, cycles, limit)
+                    for call in ("claim", "finish"):
+                        extra = {**counts[call], **trips.get(call, {})} if limit == 1 else {}
+                        rows.append({"backend": db, "call": call, "batch": limit, **extra, **timing[call]})
+                if db == "postgresql":
+                    profile = {
+                        f"batch {limit}": _profile(ledger, cycles // (1 if limit == 1 else 4), limit)
+                        for limit in BATCHES
+                    }
+                    for limit in BATCHES:
+                        rows += _raw_reference(bench_url, cycles, limit)
+            finally:
+                ledger.engine.dispose()
+    return {"rows": rows, "statements": _statement_texts(), "build_us": _build_cost(), "profile": profile}
+
+
+def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
+    seen: Counter[str] = Counter()
+    engine = ledger.engine
+    listeners = {
+        "before_cursor_execute": lambda *a, **k: seen.update(["statements"]),
+        "begin": lambda *a: seen.update(["transactions"]),
+    }
+    pool_listener = lambda *a: seen.update(["checkouts"])  # noqa: E731
+    for name, fn in listeners.items():
+        sa.event.listen(engine, name, fn)
+    sa.event.listen(engine.pool, "checkout", pool_listener)
+    claimant, request = _claimant(), _request()
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        ledger.claim(claimant, [request])  # warm: the pool has its connection
+        seen.clear()
+        (claimed,) = ledger.claim(claimant, [request]).claims
+        out["claim"] = dict(seen)
+        seen.clear()
+        ledger.finish(claimant, claimed.ids)
+        out["finish"] = dict(seen)
+    finally:
+        for name, fn in listeners.items():
+            sa.event.remove(engine, name, fn)
+        sa.event.remove(engine.pool, "checkout", pool_listener)
+    pre_ping = bool(getattr(engine.pool, "_pre_ping", False))
+    for counts in out.values():
+        counts["pings"] = counts.get("checkouts", 0) if pre_ping else 0
+    return out
+
+
+def _time_calls(ledger: Ledger, cycles: int, limit: int) -> dict[str, dict[str, float]]:
+    claimant, request = _claimant(), _request(limit)
+    wall = {"claim": 0.0, "finish": 0.0}
+    cpu = {"claim": 0.0, "finish": 0.0}
+    for n in range(cycles + 20):
+        w0, c0 = time.perf_counter(), time.process_time()
+        (claimed,) = ledger.claim(claimant, [request]).claims
+        w1, c1 = time.perf_counter(), time.process_time()
+        ledger.finish(claimant, claimed.ids)
+        w2, c2 = time.perf_counter(), time.process_time()
+        if n >= 20:  # the first ones warm caches
+            wall["claim"] += w1 - w0
+            wall["finish"] += w2 - w1
+            cpu["claim"] += c1 - c0
+            cpu["finish"] += c2 - c1
+    return {
+        call: {"wall_ms": round(wall[call] / cycles * 1000, 3), "client_cpu_ms": round(cpu[call] / cycles * 1000, 3)}
+        for call in wall
+    }
+
+
+def _raw_reference(url: str, cycles: int, limit: int) -> list[dict[str, Any]]:
+    """The same two steps as bare SQL (case 1's "raw 2 transactions"): one autocommit statement each."""
+    import psycopg
+
+    from benchmarks.db import create_raw_queue, libpq_params
+    from benchmarks.workloads import TWO_TX_CLAIM, TWO_TX_CONSUME
+
+    conn = psycopg.connect(**libpq_params(url), autocommit=True)
+    try:
+        table = f"raw_reference_{limit}"
+        create_raw_queue(conn, table, (cycles + 50) * limit)
+        claim, consume = TWO_TX_CLAIM.format(t=table), TWO_TX_CONSUME.format(t=table)
+        wall, cpu = [0.0, 0.0], [0.0, 0.0]
+        for n in range(cycles + 20):
+            w0, c0 = time.perf_counter(), time.process_time()
+            ids = [r[0] for r in conn.execute(claim, {"n": limit, "owner": "me"}).fetchall()]
+            w1, c1 = time.perf_counter(), time.process_time()
+            conn.execute(consume, {"ids": ids, "owner": "me"})
+            w2, c2 = time.perf_counter(), time.process_time()
+            if n >= 20:
+                wall = [wall[0] + w1 - w0, wall[1] + w2 - w1]
+                cpu = [cpu[0] + c1 - c0, cpu[1] + c2 - c1]
+    finally:
+        conn.close()
+    return [
+        {
+            "backend": "postgresql (raw SQL)",
+            "call": call,
+            "batch": limit,
+            "statements": 1,
+            "transactions": 1,
+            "round_trips": 1,
+            "wall_ms": round(wall[i] / cycles * 1000, 3),
+            "client_cpu_ms": round(cpu[i] / cycles * 1000, 3),
+        }
+        for i, call in enumerate(("claim", "consume"))
+    ]
+
+
+def _round_trips(url: str, cycles: int) -> dict[str, dict[str, float]]:
+    """``sendto`` calls per claim and per finish, from strace -c of child processes."""
+    if shutil.which("strace") is None:
+        return {}
+
+    def sends(n: int, what: str) -> int:
+        cmd = ["strace", "-f", "-c", "-e", "trace=sendto", sys.executable, "-m", "benchmarks.anatomy"]
+        proc = subprocess.run([*cmd, "--child", url, str(n), what], capture_output=True, text=True, cwd=ROOT)
+        # strace -c columns: % time, seconds, usecs/call, calls, [errors], syscall
+        line = next((x.split() for x in proc.stderr.splitlines() if x.split()[-1:] == ["sendto"]), None)
+        if proc.returncode or line is None:
+            raise RuntimeError(f"strace child failed:\n{proc.stderr[-2000:]}")
+        return int(line[3])
+
+    base = sends(0, "claim")
+    per_claim = (sends(cycles, "claim") - base) / cycles
+    per_cycle = (sends(cycles, "cycle") - base) / cycles
+    return {
+        "claim": {"round_trips": round(per_claim, 2)},
+        "finish": {"round_trips": round(per_cycle - per_claim, 2)},
+    }
+
+
+def _child(url: str, cycles: int, what: str) -> None:
+    ledger = Ledger(create_engine(url))
+    claimant, request = _claimant(), _request()
+    held = []
+    (claimed,) = ledger.claim(claimant, [request]).claims  # connect first, in every child alike
+    held += claimed.ids
+    for _ in range(cycles):
+        (claimed,) = ledger.claim(claimant, [request]).claims
+        if what == "cycle":
+            ledger.finish(claimant, claimed.ids)
+        else:
+            held += claimed.ids
+    ledger.finish(claimant, held)  # leave the pool as it was: nothing held
+    ledger.engine.dispose()
+
+
+def _statement_texts() -> dict[str, str]:
+    """The SQL of each statement on the path, as PostgreSQL gets it (parameters elided)."""
+    from sqlalchemy.dialects import postgresql
+
+    c = _claimant()
+    now = datetime(2026, 1, 1)
+    statements = {
+        "claim: lock_batch": q.lock_batch("<output>", 1, c.identity, 1, now, 1),
+        "claim: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
+        "finish: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
+    }
+    return {name: str(stmt.compile(dialect=postgresql.dialect())) for name, stmt in statements.items()}
+
+
+def _build_cost(repeat: int = 300) -> dict[str, float]:
+    """µs to build each Core statement object the claim path makes anew on every call."""
+    c = _claimant()
+    now = datetime(2026, 1, 1)
+    builders = {
+        "lock_batch": lambda: q.lock_batch("<output>", 1, c.identity, 1, now, 1),
+        "mark_claimed": lambda: q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
+        "mark_consumed": lambda: q.mark_consumed([1], c.identity, 1, now, c.ti_key),
+    }
+    cost = {}
+    for name, build in builders.items():
+        started = time.perf_counter()
+        for _ in range(repeat):
+            build()
+        cost[name] = round((time.perf_counter() - started) / repeat * 1e6, 1)
+    return cost
+
+
+def _profile(ledger: Ledger, cycles: int, limit: int) -> dict[str, Any]:
+    claimant, request = _claimant(), _request(limit)
+    profiler = cProfile.Profile(time.process_time)  # CPU only: time blocked on the server is not counted
+    profiler.enable()
+    for _ in range(cycles):
+        (claimed,) = ledger.claim(claimant, [request]).claims
+        ledger.finish(claimant, claimed.ids)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    by_package: Counter[str] = Counter()
+    total = 0.0
+    own: list[tuple[float, str]] = []
+    for (filename, line, function), (_cc, _nc, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        by_package[_package(filename, function)] += tottime
+        total += tottime
+        if "/exclusive_xcom/" in filename:
+            own.append((cumtime, f"{filename.split('/exclusive_xcom/')[1]}:{line}({function})"))
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    top = [line for line in text.getvalue().splitlines() if re.match(r"\s+\d", line)]
+    return {
+        "cycles": cycles,
+        "cpu_ms_per_cycle_profiled": round(total / cycles * 1000, 3),
+        "share_by_package": {k: round(v / total, 3) for k, v in by_package.most_common()},
+        "top_tottime": top,
+        # CPU ms per cycle spent in (and under) each of the ledger's own functions
+        "ledger_cumulative_ms": {name: round(cum / cycles * 1000, 3) for cum, name in sorted(own, reverse=True)[:12]},
+    }
+
+
+def _package(filename: str, function: str) -> str:
+    for name in ("exclusive_xcom", "sqlalchemy", "psycopg", "pymysql"):
+        if f"/{name}/" in filename:
+            return name
+    if filename == "~" and any(w in function for w in ("recv", "send", "poll", "select", "wait")):
+        return "socket wait (I/O)"
+    return "other (stdlib, builtins)"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit("usage: python -m benchmarks.anatomy --child URL N claim|cycle (run by python -m benchmarks)")

@@ -1,0 +1,165 @@
+"""Throwaway databases and fast fills, shared by every case.
+
+Each measurement runs in a database of its own (``bench_<random>``, created on the server
+the URL names and dropped afterwards), so benchmark runs never see each other's rows, nor
+the test suite's. Fills that are not themselves measured go in one ``INSERT … SELECT``
+over a number series, not through the library.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from exclusive_xcom.ledger import Ledger, Output, create_engine
+from exclusive_xcom.ledger.schema import CONSUMED, READY, SHARED_SLOT, item
+
+PAYLOAD = b"x" * 64  # every item's payload, in every contender
+DAG, RUN = "bench", "manual__bench"
+GENERATION = 1
+
+#: How a PostgreSQL benchmark database commits. "durable" is the server as configured
+#: (each commit waits for its WAL flush); "async" sets synchronous_commit=off on the bench
+#: database only, which takes the disk's flush latency out of every contender alike.
+DURABILITY = {"durable": {}, "async": {"synchronous_commit": "off"}}
+
+
+def backend(url: str) -> str:
+    name = make_url(url).get_backend_name()
+    return "mariadb" if name in ("mysql", "mariadb") else name
+
+
+@contextmanager
+def fresh_database(url: str, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """Create ``bench_<random>`` on the server of ``url``; yield its URL; drop it.
+
+    ``settings`` (PostgreSQL only) become the new database's defaults for every session.
+    """
+    parsed = make_url(url)
+    name = f"bench_{secrets.token_hex(5)}"
+    admin = sa.create_engine(parsed, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        for key, value in (settings or {}).items():
+            conn.exec_driver_sql(f"ALTER DATABASE {name} SET {key} = '{value}'")
+    try:
+        yield parsed.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            force = " WITH (FORCE)" if backend(url) == "postgresql" else ""
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
+        admin.dispose()
+
+
+def libpq_params(url: str) -> dict[str, Any]:
+    """Keyword arguments of ``psycopg.connect`` for an SQLAlchemy PostgreSQL URL."""
+    parsed: URL = make_url(url)
+    params = {"host": parsed.host, "port": parsed.port, "user": parsed.username, "dbname": parsed.database}
+    if parsed.password:
+        params["password"] = parsed.password
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def migrated_ledger(url: str) -> Ledger:
+    ledger = Ledger(create_engine(url))
+    ledger.migrate()
+    return ledger
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def fill_items(
+    engine: sa.Engine,
+    output: Output,
+    count: int,
+    *,
+    consumers: tuple[str, ...],
+    first_seq: int = 0,
+    consumed: bool = False,
+) -> None:
+    """Insert ``count`` items of mode ``items`` (seq ``first_seq``…) as ``produce`` would write
+    them: ready with a payload, or, for history, consumed by some earlier task."""
+    if count <= 0:
+        return
+    last = first_seq + count - 1
+    seq: sa.ColumnElement[Any]
+    if backend(str(engine.url)) == "postgresql":
+        seq = sa.func.generate_series(first_seq, last).column_valued("seq")
+    elif backend(str(engine.url)) == "mariadb":  # MariaDB's SEQUENCE engine: a table per range
+        seq = sa.table(f"seq_{first_seq}_to_{last}", sa.column("seq")).c.seq
+    else:
+        raise ValueError(f"no fast fill for {engine.url.get_backend_name()}")
+    now = _now()
+    values: dict[str, Any] = {
+        "output_id": output.output_id,
+        "dag_id": output.dag_id,
+        "run_id": output.run_id,
+        "task_id": output.task_id,
+        "map_index": output.map_index,
+        "key": output.key,
+        "generation": GENERATION,
+        "mode": "items",
+        "consumers": json.dumps(sorted(consumers)),
+        "slot": SHARED_SLOT,
+        "payload_size": len(PAYLOAD),
+        "created_at": now,
+    }
+    if consumed:
+        values.update(
+            state=CONSUMED,
+            owner_dag_id=DAG,
+            owner_run_id=RUN,
+            owner_task_id="history",
+            owner_map_index=-1,
+            owner_try=1,
+            claimed_at=now,
+            consumed_at=now,
+        )
+    else:
+        values.update(state=READY, payload=PAYLOAD)
+    columns = list(values)
+    select = sa.select(*[sa.literal(v, type_=item.c[k].type) for k, v in values.items()], seq)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(item).from_select([*columns, "seq"], select))
+
+
+def analyze(engine: sa.Engine) -> None:
+    """Fresh planner statistics (this server runs with autovacuum off, so nothing else would)."""
+    with engine.begin() as conn:
+        if backend(str(engine.url)) == "postgresql":
+            conn.exec_driver_sql(f"ANALYZE {item.name}")
+        else:
+            conn.exec_driver_sql(f"ANALYZE TABLE {item.name}")
+
+
+# -- the bare-SQL contender -----------------------------------------------------------------
+
+RAW_TABLE_DDL = """
+CREATE TABLE {table} (
+    id bigserial PRIMARY KEY,
+    state varchar(16) NOT NULL,
+    owner varchar(250),
+    payload bytea,
+    claimed_at timestamp,
+    consumed_at timestamp
+);
+CREATE INDEX {table}_ready ON {table} (id) WHERE state = 'ready';
+"""
+
+
+def create_raw_queue(conn: Any, table: str, count: int) -> None:
+    """A plain work-queue table of ``count`` ready rows (psycopg connection, autocommit)."""
+    conn.execute(RAW_TABLE_DDL.format(table=table))
+    conn.execute(
+        f"INSERT INTO {table} (state, payload) SELECT 'ready', %s FROM generate_series(1, %s)", (PAYLOAD, count)
+    )
+    conn.execute(f"ANALYZE {table}")
