@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
+#: A pooled connection idle for longer than this is pinged before use (see _ping_when_idle).
+IDLE_PING_SECONDS = 1.0
 
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
@@ -32,11 +36,40 @@ def create_engine(url: str) -> sa.Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
+    options: dict[str, Any] = {"pool_size": 2, "max_overflow": 4}
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         # REPEATABLE READ would add gap locks that make concurrent claims deadlock.
         options["isolation_level"] = "READ COMMITTED"
-    return sa.create_engine(url, connect_args={"connect_timeout": 10}, **options)
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 10}, **options)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: sa.Engine) -> None:
+    """Check a pooled connection before use only if it sat idle for a while.
+
+    SQLAlchemy's ``pool_pre_ping`` costs a round trip on every checkout, that is, on every
+    claim and every finish. A connection used a moment ago is almost surely alive (and if
+    it died meanwhile, the transaction fails cleanly with LedgerUnavailableError); one that
+    sat idle may have been dropped by a server restart or an idle timeout, so it is pinged.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_conn.rollback()
+        except Exception as exc:  # the pool replaces the connection and tries again
+            raise sa.exc.DisconnectionError(f"idle ledger connection is gone: {exc}") from exc
 
 
 def _sqlite_engine(url: str) -> sa.Engine:

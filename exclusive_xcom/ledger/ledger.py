@@ -276,7 +276,7 @@ class Ledger:
                 stmt = q.mark_consumed(
                     ids, claimant.identity, claimant.try_number, now, claimant.ti_key, self.keep_consumed_payloads
                 )
-                done = conn.execute(stmt)
+                done = conn.execute(*stmt)
                 if done.rowcount != len(ids):
                     _check_fence(conn, claimant)
                     raise _NotHeld(len(ids) - done.rowcount)  # rolls back what was marked
@@ -396,7 +396,7 @@ class Ledger:
                 return result
             lease = now + timedelta(seconds=self.lease_seconds)
             stmt = q.mark_claimed(result.ids, claimant.identity, claimant.try_number, now, lease, claimant.ti_key)
-            if conn.execute(stmt).rowcount != len(result.ids):
+            if conn.execute(*stmt).rowcount != len(result.ids):
                 # The rows are locked by this transaction: only the fence can have refused.
                 _check_fence(conn, claimant, requests[0].output.ref(claimant.slot))
                 raise AssertionError("claimed rows changed under their row locks")
@@ -411,7 +411,7 @@ class Ledger:
         """Keep a long-running task's claims alive; False if any was lost meanwhile."""
         lease = self._now() + timedelta(seconds=self.lease_seconds)
         stmt = q.extend_lease(ids, claimant.identity, claimant.try_number, lease)
-        return self._run(lambda conn: conn.execute(stmt).rowcount) == len(ids)
+        return self._run(lambda conn: conn.execute(*stmt).rowcount) == len(ids)
 
     def release(self, claimant: Claimant, ids: Sequence[int]) -> int:
         """Give claims back to the pool (the task failed for good); fenced like finish."""
@@ -575,10 +575,10 @@ def _claim_one(
         return _claim_batch(conn, claimant, request, now), []
     slot = claimant.slot if request.mode == EACH else SHARED_SLOT
     out = request.output
-    row = conn.execute(q.lock_slot(out.output_id, request.generation, slot)).first()
+    row = conn.execute(*q.lock_slot(out.output_id, request.generation, slot)).first()
     claimed = Claimed(request)
     if row is None:
-        busy = conn.execute(q.peek_slot(out.output_id, request.generation, slot)).first()
+        busy = conn.execute(*q.peek_slot(out.output_id, request.generation, slot)).first()
         if busy is None:
             raise PayloadError(
                 "no ledger item matches this handle: it was purged, or replaced by a newer run of the "
@@ -628,7 +628,7 @@ def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest,
     if claimant.try_number > 1:  # a retry takes back what its earlier tries held, first
         rows = list(
             conn.execute(
-                q.lock_own_earlier(
+                *q.lock_own_earlier(
                     out.output_id, request.generation, claimant.identity, claimant.try_number, request.limit
                 )
             )
@@ -643,7 +643,7 @@ def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest,
             request.limit - len(rows),
             exclude=[r.id for r in rows],
         )
-        rows.extend(conn.execute(more))
+        rows.extend(conn.execute(*more))
     claimed = Claimed(request)
     if rows:  # every row of one output names the same consumers: parse them once per batch
         _authorize(claimant, request, json.loads(rows[0].consumers))

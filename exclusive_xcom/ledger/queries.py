@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -36,29 +37,103 @@ _CLAIM_COLUMNS = (
 )
 
 
-def _owner_is(dag_id: str, run_id: str, task_id: str, map_index: int) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        item.c.owner_dag_id == dag_id,
-        item.c.owner_run_id == run_id,
-        item.c.owner_task_id == task_id,
-        item.c.owner_map_index == map_index,
-    )
+#: A statement and the values of its bind parameters, ready for ``conn.execute(*bound)``.
+Bound = tuple[sa.Executable, dict[str, Any]]
+
+# -- the claim path: statements built once -----------------------------------------------------
+#
+# Claim, consume and heartbeat run for every item, so their statements are built once, with
+# bind parameters, instead of as a fresh expression tree per call: SQLAlchemy then reuses
+# both the statement's cache key and its compiled SQL, which was half of a claim's client
+# CPU. Ids go in as one expanding parameter.
+
+_P = sa.bindparam
+_IDS = item.c.id.in_(_P("ids", expanding=True))
+_OWNER_IS = sa.and_(
+    item.c.owner_dag_id == _P("o_dag"),
+    item.c.owner_run_id == _P("o_run"),
+    item.c.owner_task_id == _P("o_task"),
+    item.c.owner_map_index == _P("o_map"),
+)
+_NOT_FENCED = ~sa.exists(
+    sa.select(fence.c.ti_key).where(fence.c.ti_key == _P("ti_key"), fence.c.try_number > _P("o_try"))
+)
+# The state is compared through coalesce() so planners go by the ids (primary key), not by
+# the state index: with many claims in flight, "state = 'claimed'" matches them all.
+_HELD = sa.and_(
+    _IDS, sa.func.coalesce(item.c.state, item.c.state) == CLAIMED, _OWNER_IS, item.c.owner_try == _P("o_try")
+)
+_POOL = sa.and_(item.c.output_id == _P("output_id"), item.c.generation == _P("generation"), item.c.slot == SHARED_SLOT)
 
 
-def lock_slot(output_id: str, generation: int, slot: str) -> sa.Select:
-    """Lock the one row of a slot (modes each/one); a row being claimed elsewhere is skipped."""
+def _owner(owner: tuple[str, str, str, int], try_number: int) -> dict[str, Any]:
+    dag_id, run_id, task_id, map_index = owner
+    return {"o_dag": dag_id, "o_run": run_id, "o_task": task_id, "o_map": map_index, "o_try": try_number}
+
+
+def _from_pool(*conditions: sa.ColumnElement[bool]) -> sa.Select:
+    """Up to ``:limit`` rows of a shared pool (mode items) meeting ``conditions``, lowest seq first."""
     return (
         sa.select(*_CLAIM_COLUMNS)
-        .where(item.c.output_id == output_id, item.c.generation == generation, item.c.slot == slot)
+        .where(_POOL, *conditions)
+        .order_by(item.c.seq)
+        .limit(_P("limit", type_=sa.Integer()))
         .with_for_update(skip_locked=True)
     )
 
 
-def peek_slot(output_id: str, generation: int, slot: str) -> sa.Select:
-    """Read a slot without locking, to explain why :func:`lock_slot` returned nothing."""
-    return sa.select(*_CLAIM_COLUMNS).where(
-        item.c.output_id == output_id, item.c.generation == generation, item.c.slot == slot
+# Claimable: ready, or claimed under an expired lease, or claimed by an *earlier* try of this
+# same task instance (its retry takes its own claims back). Rows this very try already holds
+# are not selected again, so a drain loop ends when the pool is empty. Expired leases are
+# reclaimed here, inside the claim, so no sweeper is needed.
+_CLAIMABLE = sa.or_(
+    item.c.state == READY,
+    sa.and_(
+        item.c.state == CLAIMED,
+        sa.or_(
+            # An expired lease, unless this very try holds it (a long drain must not get its
+            # own items twice).
+            sa.and_(item.c.lease_expires_at < _P("now"), ~sa.and_(_OWNER_IS, item.c.owner_try == _P("o_try"))),
+            sa.and_(_OWNER_IS, item.c.owner_try < _P("o_try")),
+        ),
+    ),
+)
+_LOCK_BATCH = _from_pool(item.c.state != CONSUMED, _CLAIMABLE)
+_LOCK_BATCH_EXCLUDING = _from_pool(
+    item.c.state != CONSUMED, _CLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
+)
+_LOCK_OWN_EARLIER = _from_pool(item.c.state == CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
+_SLOT = sa.and_(item.c.output_id == _P("output_id"), item.c.generation == _P("generation"), item.c.slot == _P("slot"))
+_LOCK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT).with_for_update(skip_locked=True)
+_PEEK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT)
+_MARK_CLAIMED = (
+    sa.update(item)
+    .where(_IDS, _NOT_FENCED)
+    .values(
+        state=CLAIMED,
+        owner_dag_id=_P("o_dag"),
+        owner_run_id=_P("o_run"),
+        owner_task_id=_P("o_task"),
+        owner_map_index=_P("o_map"),
+        owner_try=_P("o_try"),
+        claimed_at=_P("now"),
+        lease_expires_at=_P("lease"),
     )
+)
+_CONSUMED: dict[str, Any] = {"state": CONSUMED, "consumed_at": _P("now"), "lease_expires_at": None}
+_MARK_CONSUMED = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMED, payload=None)
+_MARK_CONSUMED_KEEPING = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMED)
+_EXTEND_LEASE = sa.update(item).where(_HELD).values(lease_expires_at=_P("lease"))
+
+
+def lock_slot(output_id: str, generation: int, slot: str) -> Bound:
+    """Lock the one row of a slot (modes each/one); a row being claimed elsewhere is skipped."""
+    return _LOCK_SLOT, {"output_id": output_id, "generation": generation, "slot": slot}
+
+
+def peek_slot(output_id: str, generation: int, slot: str) -> Bound:
+    """Read a slot without locking, to explain why :func:`lock_slot` returned nothing."""
+    return _PEEK_SLOT, {"output_id": output_id, "generation": generation, "slot": slot}
 
 
 def lock_batch(
@@ -69,54 +144,24 @@ def lock_batch(
     now: datetime,
     limit: int,
     exclude: Sequence[int] = (),
-) -> sa.Select:
-    """Lock up to ``limit`` claimable items of a shared pool (mode items), lowest seq first.
-
-    Claimable: ready, or claimed under an expired lease, or claimed by an *earlier* try of
-    this same task instance (its retry takes its own claims back). Rows this very try
-    already holds are not selected again, so a drain loop ends when the pool is empty.
-    Expired leases are reclaimed here, inside the claim, so no sweeper is needed.
-    """
-    claimable = sa.or_(
-        item.c.state == READY,
-        sa.and_(
-            item.c.state == CLAIMED,
-            sa.or_(
-                # An expired lease, unless this very try holds it (a long drain must not get
-                # its own items twice).
-                sa.and_(item.c.lease_expires_at < now, ~sa.and_(_owner_is(*owner), item.c.owner_try == try_number)),
-                sa.and_(_owner_is(*owner), item.c.owner_try < try_number),
-            ),
-        ),
-    )
-    conditions = [item.c.state != CONSUMED, claimable]
-    return _lock_from_pool(output_id, generation, limit, *conditions, *([item.c.id.not_in(exclude)] if exclude else []))
+) -> Bound:
+    """Lock up to ``limit`` claimable items of a shared pool (mode items), lowest seq first."""
+    params = {"output_id": output_id, "generation": generation, "now": now, "limit": limit, **_owner(owner, try_number)}
+    if exclude:
+        return _LOCK_BATCH_EXCLUDING, {**params, "exclude": list(exclude)}
+    return _LOCK_BATCH, params
 
 
 def lock_own_earlier(
     output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int, limit: int
-) -> sa.Select:
+) -> Bound:
     """What earlier tries of this task instance still hold: a retry takes these back first."""
-    return _lock_from_pool(
-        output_id, generation, limit, item.c.state == CLAIMED, _owner_is(*owner), item.c.owner_try < try_number
-    )
-
-
-def _lock_from_pool(output_id: str, generation: int, limit: int, *conditions: sa.ColumnElement[bool]) -> sa.Select:
-    """Lock up to ``limit`` rows of a shared pool (mode items) meeting ``conditions``, lowest seq first."""
-    return (
-        sa.select(*_CLAIM_COLUMNS)
-        .where(item.c.output_id == output_id, item.c.generation == generation, item.c.slot == SHARED_SLOT, *conditions)
-        .order_by(item.c.seq)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-
-
-def not_fenced(ti_key: str, try_number: int) -> sa.ColumnElement[bool]:
-    """True unless a newer try of the task instance has begun; checked inside each write."""
-    newer = sa.select(fence.c.ti_key).where(fence.c.ti_key == ti_key, fence.c.try_number > try_number)
-    return ~sa.exists(newer)
+    return _LOCK_OWN_EARLIER, {
+        "output_id": output_id,
+        "generation": generation,
+        "limit": limit,
+        **_owner(owner, try_number),
+    }
 
 
 def lock_fence(ti_key: str) -> sa.Select:
@@ -142,32 +187,9 @@ def mark_claimed(
     now: datetime,
     lease: datetime,
     ti_key: str,
-) -> sa.Update:
-    dag_id, run_id, task_id, map_index = owner
-    return (
-        sa.update(item)
-        .where(item.c.id.in_(ids), not_fenced(ti_key, try_number))
-        .values(
-            state=CLAIMED,
-            owner_dag_id=dag_id,
-            owner_run_id=run_id,
-            owner_task_id=task_id,
-            owner_map_index=map_index,
-            owner_try=try_number,
-            claimed_at=now,
-            lease_expires_at=lease,
-        )
-    )
-
-
-def _held_by(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> sa.ColumnElement[bool]:
-    """Rows still claimed by exactly this try: the fence every finishing write goes through."""
-    return sa.and_(
-        item.c.id.in_(ids),
-        item.c.state == CLAIMED,
-        _owner_is(*owner),
-        item.c.owner_try == try_number,
-    )
+) -> Bound:
+    """Claim locked rows for this try, unless a newer try of the task instance has begun."""
+    return _MARK_CLAIMED, {"ids": list(ids), "now": now, "lease": lease, "ti_key": ti_key, **_owner(owner, try_number)}
 
 
 def mark_consumed(
@@ -177,21 +199,27 @@ def mark_consumed(
     now: datetime,
     ti_key: str,
     keep_payload: bool = False,
-) -> sa.Update:
-    values = {"state": CONSUMED, "consumed_at": now, "lease_expires_at": None}
-    return (
-        sa.update(item)
-        .where(_held_by(ids, owner, try_number), not_fenced(ti_key, try_number))
-        .values(**values if keep_payload else {**values, "payload": None})
-    )
+) -> Bound:
+    """Consume rows still claimed by exactly this try (the fence every finish goes through)."""
+    stmt = _MARK_CONSUMED_KEEPING if keep_payload else _MARK_CONSUMED
+    return stmt, {"ids": list(ids), "now": now, "ti_key": ti_key, **_owner(owner, try_number)}
 
 
-def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime) -> sa.Update:
-    return sa.update(item).where(_held_by(ids, owner, try_number)).values(lease_expires_at=lease)
+def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime) -> Bound:
+    return _EXTEND_LEASE, {"ids": list(ids), "lease": lease, **_owner(owner, try_number)}
 
 
 def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> sa.Update:
-    return sa.update(item).where(_held_by(ids, owner, try_number)).values(**_UNCLAIMED)
+    held = sa.and_(
+        item.c.id.in_(ids),
+        item.c.state == CLAIMED,
+        item.c.owner_dag_id == owner[0],
+        item.c.owner_run_id == owner[1],
+        item.c.owner_task_id == owner[2],
+        item.c.owner_map_index == owner[3],
+        item.c.owner_try == try_number,
+    )
+    return sa.update(item).where(held).values(**_UNCLAIMED)
 
 
 def select_by_ids(ids: Sequence[int]) -> sa.Select:
