@@ -219,7 +219,7 @@ def _statement_texts() -> dict[str, str]:
     c = _claimant()
     now = datetime(2026, 1, 1)
     statements = {
-        "claim: lock_batch": q.lock_batch("<output>", 1, c.identity, 1, now, 1),
+        "claim: lock_ready": q.lock_ready("<output>", 1, 1),
         "claim: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
         "finish: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
     }
@@ -231,7 +231,7 @@ def _build_cost(repeat: int = 300) -> dict[str, float]:
     c = _claimant()
     now = datetime(2026, 1, 1)
     builders = {
-        "lock_batch": lambda: q.lock_batch("<output>", 1, c.identity, 1, now, 1),
+        "lock_ready": lambda: q.lock_ready("<output>", 1, 1),
         "mark_claimed": lambda: q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
         "mark_consumed": lambda: q.mark_consumed([1], c.identity, 1, now, c.ti_key),
     }

@@ -633,15 +633,18 @@ def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest,
                 )
             )
         )
+    own = [r.id for r in rows]
     if len(rows) < request.limit:
-        more = q.lock_batch(
+        rows.extend(conn.execute(*q.lock_ready(out.output_id, request.generation, request.limit - len(rows))))
+    if len(rows) < request.limit:  # the pool's ready rows are gone: take over expired leases
+        more = q.lock_reclaimable(
             out.output_id,
             request.generation,
             claimant.identity,
             claimant.try_number,
             now,
             request.limit - len(rows),
-            exclude=[r.id for r in rows],
+            exclude=own,
         )
         rows.extend(conn.execute(*more))
     claimed = Claimed(request)

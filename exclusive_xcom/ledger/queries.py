@@ -83,24 +83,22 @@ def _from_pool(*conditions: sa.ColumnElement[bool]) -> sa.Select:
 
 
 # Claimable: ready, or claimed under an expired lease, or claimed by an *earlier* try of this
-# same task instance (its retry takes its own claims back). Rows this very try already holds
-# are not selected again, so a drain loop ends when the pool is empty. Expired leases are
-# reclaimed here, inside the claim, so no sweeper is needed.
-_CLAIMABLE = sa.or_(
-    item.c.state == READY,
-    sa.and_(
-        item.c.state == CLAIMED,
-        sa.or_(
-            # An expired lease, unless this very try holds it (a long drain must not get its
-            # own items twice).
-            sa.and_(item.c.lease_expires_at < _P("now"), ~sa.and_(_OWNER_IS, item.c.owner_try == _P("o_try"))),
-            sa.and_(_OWNER_IS, item.c.owner_try < _P("o_try")),
-        ),
-    ),
+# same task instance (its retry takes its own claims back). Ready rows are taken first, in
+# their own statement: an equality on the state lets MySQL/MariaDB, which have no partial
+# index, read the pool's ready rows in seq order from an index instead of stepping over every
+# consumed row. Rows this very try already holds are never taken again, so a drain loop ends
+# when the pool is empty; expired leases are reclaimed here, inside the claim (no sweeper).
+_RECLAIMABLE = sa.or_(
+    # An expired lease, unless this very try holds it (a long drain must not get its own
+    # items twice).
+    sa.and_(item.c.lease_expires_at < _P("now"), ~sa.and_(_OWNER_IS, item.c.owner_try == _P("o_try"))),
+    sa.and_(_OWNER_IS, item.c.owner_try < _P("o_try")),
 )
-_LOCK_BATCH = _from_pool(item.c.state != CONSUMED, _CLAIMABLE)
-_LOCK_BATCH_EXCLUDING = _from_pool(
-    item.c.state != CONSUMED, _CLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
+_UNCONSUMED = item.c.state != CONSUMED  # lets PostgreSQL and SQLite use the claimable partial index
+_LOCK_READY = _from_pool(_UNCONSUMED, item.c.state == READY)
+_LOCK_RECLAIMABLE = _from_pool(_UNCONSUMED, item.c.state == CLAIMED, _RECLAIMABLE)
+_LOCK_RECLAIMABLE_EXCLUDING = _from_pool(
+    _UNCONSUMED, item.c.state == CLAIMED, _RECLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
 )
 _LOCK_OWN_EARLIER = _from_pool(item.c.state == CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
 _SLOT = sa.and_(item.c.output_id == _P("output_id"), item.c.generation == _P("generation"), item.c.slot == _P("slot"))
@@ -136,7 +134,12 @@ def peek_slot(output_id: str, generation: int, slot: str) -> Bound:
     return _PEEK_SLOT, {"output_id": output_id, "generation": generation, "slot": slot}
 
 
-def lock_batch(
+def lock_ready(output_id: str, generation: int, limit: int) -> Bound:
+    """Lock up to ``limit`` ready items of a shared pool (mode items), lowest seq first."""
+    return _LOCK_READY, {"output_id": output_id, "generation": generation, "limit": limit}
+
+
+def lock_reclaimable(
     output_id: str,
     generation: int,
     owner: tuple[str, str, str, int],
@@ -145,11 +148,12 @@ def lock_batch(
     limit: int,
     exclude: Sequence[int] = (),
 ) -> Bound:
-    """Lock up to ``limit`` claimable items of a shared pool (mode items), lowest seq first."""
+    """Lock up to ``limit`` claimed items of a pool that may be taken over: expired leases,
+    and what earlier tries of this task instance held (``exclude``: already taken)."""
     params = {"output_id": output_id, "generation": generation, "now": now, "limit": limit, **_owner(owner, try_number)}
     if exclude:
-        return _LOCK_BATCH_EXCLUDING, {**params, "exclude": list(exclude)}
-    return _LOCK_BATCH, params
+        return _LOCK_RECLAIMABLE_EXCLUDING, {**params, "exclude": list(exclude)}
+    return _LOCK_RECLAIMABLE, params
 
 
 def lock_own_earlier(

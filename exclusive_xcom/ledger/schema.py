@@ -122,5 +122,19 @@ def _v4(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {item.name} ADD COLUMN payload_sha256 VARCHAR(64)"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
+# Added in version 5, on MySQL/MariaDB only (they have no partial indexes): a pool's rows
+# by state, then seq, so a claim reads the ready rows in order and never steps over the
+# consumed ones, however many pile up.
+pool_index = sa.Index(
+    "ix_exclusive_xcom_item_pool", item.c.output_id, item.c.generation, item.c.slot, item.c.state, item.c.seq
+)
+item.indexes.discard(pool_index)
+
+
+def _v5(conn: sa.Connection) -> None:
+    if conn.dialect.name in ("mysql", "mariadb"):
+        pool_index.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)

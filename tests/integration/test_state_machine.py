@@ -179,13 +179,14 @@ def machine_for(ledger: Ledger, clock: FakeClock) -> type[RuleBasedStateMachine]
                         live = sorted((i for i, it in pool.items() if it.state != CONSUMED), key=lambda i: pool[i].seq)
                         mine = [i for i in live if pool[i].state == CLAIMED and pool[i].owner[0] == ci]
                         own = [i for i in mine if pool[i].owner[1] < t][:limit] if t > 1 else []  # a retry's first
-                        rest = [
+                        ready = [i for i in live if pool[i].state == READY]  # ready rows first, then takeovers
+                        rest = ready + [
                             i
                             for i in live
                             if i not in own
+                            and pool[i].state == CLAIMED
                             and (
-                                pool[i].state == READY
-                                or (pool[i].lease < now and tuple(pool[i].owner[:2]) != (ci, t))  # never its own twice
+                                (pool[i].lease < now and tuple(pool[i].owner[:2]) != (ci, t))  # never its own twice
                                 or (pool[i].owner[0] == ci and pool[i].owner[1] < t)
                             )
                         ]
