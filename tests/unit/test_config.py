@@ -10,7 +10,15 @@ from exclusive_xcom.errors import ConfigurationError
 
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    for name in ("SQL_ALCHEMY_CONN", "CONN_ID", "LEASE_SECONDS", "SECRET_KEY"):
+    for name in (
+        "SQL_ALCHEMY_CONN",
+        "CONN_ID",
+        "LEASE_SECONDS",
+        "SECRET_KEY",
+        "RETENTION",
+        "EXPIRE_AFTER",
+        "KEEP_CONSUMED_PAYLOADS",
+    ):
         monkeypatch.delenv(f"AIRFLOW__EXCLUSIVE_XCOM__{name}", raising=False)
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
 
@@ -74,3 +82,31 @@ def test_provider_info_is_valid_for_airflow() -> None:
     info = get_provider_info()
     jsonschema.validate(info, schema)
     assert info["task-decorators"] == [{"name": "exclusive", "class-name": "exclusive_xcom.decorator.exclusive_task"}]
+
+
+@pytest.mark.parametrize(
+    "option,raw,message",
+    [
+        ("RETENTION", "a week", r"\[exclusive_xcom\] retention: expected a duration such as 7d.*got 'a week'"),
+        ("EXPIRE_AFTER", "30", r"\[exclusive_xcom\] expire_after: expected a duration such as 7d.*got '30'"),
+        ("KEEP_CONSUMED_PAYLOADS", "maybe", r"keep_consumed_payloads must be true or false, got 'maybe'"),
+    ],
+)
+def test_bad_retention_options_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, option: str, raw: str, message: str
+) -> None:
+    monkeypatch.setenv(f"AIRFLOW__EXCLUSIVE_XCOM__{option}", raw)
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings()
+
+
+def test_retention_options_are_read() -> None:
+    settings = load_settings()
+    assert settings.retention.days == 7 and settings.expire_after is None and not settings.keep_consumed_payloads
+
+
+def test_an_unusable_offload_path_is_refused_by_name() -> None:
+    from exclusive_xcom.storage import BlobStore
+
+    with pytest.raises(ConfigurationError, match=r"offload_path 'nosuchscheme://bucket/x' is not usable"):
+        BlobStore("nosuchscheme://bucket/x")
