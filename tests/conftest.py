@@ -126,3 +126,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         kind = callspec.params.get("backend") if callspec else None
         if kind in ("postgres", "mysql"):
             item.add_marker(getattr(pytest.mark, kind))
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test says so (``Ledger(clock=...)``)."""
+
+    def __init__(self, start: float = 1_700_000_000.25) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def engine(ledger_url: str) -> Iterator[sa.Engine]:
+    """An engine on this test's fresh ledger database, disposed afterwards."""
+    from exclusive_xcom.ledger import create_engine
+
+    engine = create_engine(ledger_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -416,7 +416,7 @@ class Ledger:
     def release(self, claimant: Claimant, ids: Sequence[int]) -> int:
         """Give claims back to the pool (the task failed for good); fenced like finish."""
         stmt = q.release(ids, claimant.identity, claimant.try_number)
-        return self._run(lambda conn: conn.execute(stmt).rowcount)
+        return self._run(lambda conn: conn.execute(*stmt).rowcount)
 
     def release_any(self, ids: Sequence[int]) -> int:
         """Free stuck claims whoever holds them (an operator's decision, CLI ``release``)."""

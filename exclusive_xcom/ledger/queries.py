@@ -213,17 +213,9 @@ def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_numbe
     return _EXTEND_LEASE, {"ids": list(ids), "lease": lease, **_owner(owner, try_number)}
 
 
-def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> sa.Update:
-    held = sa.and_(
-        item.c.id.in_(ids),
-        item.c.state == CLAIMED,
-        item.c.owner_dag_id == owner[0],
-        item.c.owner_run_id == owner[1],
-        item.c.owner_task_id == owner[2],
-        item.c.owner_map_index == owner[3],
-        item.c.owner_try == try_number,
-    )
-    return sa.update(item).where(held).values(**_UNCLAIMED)
+def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> Bound:
+    """Give back rows still claimed by exactly this try (a task that failed for good)."""
+    return _RELEASE, {"ids": list(ids), **_owner(owner, try_number)}
 
 
 def select_by_ids(ids: Sequence[int]) -> sa.Select:
@@ -251,6 +243,7 @@ _UNCLAIMED = {
     "claimed_at": None,
     "lease_expires_at": None,
 }
+_RELEASE = sa.update(item).where(_HELD).values(**_UNCLAIMED)
 
 
 def unconsumed_uris(output_id: str) -> sa.Select:

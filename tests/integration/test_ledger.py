@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
+from conftest import FakeClock
 
 from exclusive_xcom.errors import (
     AlreadyConsumedError,
@@ -44,24 +45,6 @@ EXTRACT = Output(DAG, RUN, "extract")
 OTHER = Output(DAG, RUN, "other")
 TRANSFORM = Output(DAG, RUN, "transform")
 _T = TypeVar("_T")
-
-
-class FakeClock:
-    """Epoch seconds that move only when a test says so."""
-
-    def __init__(self, start: float = 1_700_000_000.25) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

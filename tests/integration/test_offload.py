@@ -6,13 +6,14 @@ and every blob is reported as unneeded exactly when no row needs it any more.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import FakeClock
 
 from exclusive_xcom import maintenance
 from exclusive_xcom.crypto import keyring_from
@@ -28,7 +29,6 @@ from exclusive_xcom.ledger import (
     Output,
     Production,
     consumer_slot,
-    create_engine,
 )
 from exclusive_xcom.ledger.schema import CONSUMED, READY, item
 from exclusive_xcom.payload import MAGIC, Codec
@@ -39,31 +39,6 @@ EXTRACT = Output(DAG, RUN, "extract")
 OTHER = Output(DAG, RUN, "other")
 THRESHOLD = 1000
 FOLDER = f"{DAG}/{RUN}/extract"
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_700_000_000.25) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def engine(ledger_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(ledger_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

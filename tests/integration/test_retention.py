@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import FakeClock
 
 from exclusive_xcom import maintenance
 from exclusive_xcom.cli import main
@@ -42,31 +43,6 @@ DAG, RUN = "retention", "manual__2024-05-01T00:00:00+00:00"
 THRESHOLD = 1000
 LEASE = 60.0
 HOUR = 3600.0
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_700_000_000.25) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def engine(ledger_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(ledger_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture
