@@ -87,7 +87,10 @@ def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
     engine = ledger.engine
     listeners = {
         "before_cursor_execute": lambda *a, **k: seen.update(["statements"]),
-        "begin": lambda *a: seen.update(["transactions"]),
+        # An autocommit connection begins no transaction on the server (no BEGIN is sent).
+        "begin": lambda conn: seen.update(
+            ["transactions" if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT" else "autocommit"]
+        ),
     }
     pool_listener = lambda *a: seen.update(["checkouts"])  # noqa: E731
     for name, fn in listeners.items():
@@ -219,9 +222,13 @@ def _statement_texts() -> dict[str, str]:
     c = _claimant()
     now = datetime(2026, 1, 1)
     statements = {
-        "claim: lock_ready": q.lock_ready("<output>", 1, 1),
-        "claim: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
-        "finish: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
+        "claim (PostgreSQL, one statement)": q.claim_ready_now(
+            "<output>", 1, None, "[]", c.identity, 1, now, now, c.ti_key, 1
+        ),
+        "finish (PostgreSQL, one statement)": q.consume_all_now([1], c.identity, 1, now, c.ti_key),
+        "claim, general path: lock_ready": q.lock_ready("<output>", 1, 1),
+        "claim, general path: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
+        "finish, general path: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
     }
     return {name: str(bound[0].compile(dialect=postgresql.dialect())) for name, bound in statements.items()}
 

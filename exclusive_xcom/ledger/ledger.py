@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from hashlib import sha256
@@ -150,6 +150,10 @@ class Claimed:
         else:
             self.payloads.append(row.payload)
 
+    def extend(self, other: Claimed) -> None:
+        self.ids.extend(other.ids)
+        self.payloads.extend(other.payloads)
+
     @property
     def uris(self) -> list[str]:
         return [p.uri for p in self.payloads if isinstance(p, Offloaded)]
@@ -194,6 +198,12 @@ class Ledger:
         #: Retention: keep a consumed item's payload (and blob) until ``purge`` deletes the row.
         self.keep_consumed_payloads = keep_consumed_payloads
         self._clock = clock
+        #: PostgreSQL claims and consumes in single autocommit statements where it can (see
+        #: "one statement each" in :mod:`~exclusive_xcom.ledger.queries`); elsewhere, and for
+        #: everything else, a transaction.
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else None
+        )
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -285,7 +295,19 @@ class Ledger:
                 stale.extend(_produce(conn, production, now)[1])
             return self._unneeded(conn, stale)
 
+        def consume_now(conn: sa.Connection) -> list[str] | None:
+            stmt = q.consume_all_now(
+                ids, claimant.identity, claimant.try_number, self._now(), claimant.ti_key, self.keep_consumed_payloads
+            )
+            if conn.execute(*stmt).rowcount != len(ids):
+                return None  # nothing changed: the transaction below finds out why
+            return self._unneeded(conn, blobs)
+
         try:
+            if self._autocommit is not None and ids and not productions:
+                done = self._run(consume_now, autocommit=True)
+                if done is not None:
+                    return done
             return self._run(tx)
         except _NotHeld as lost:
             raise self._not_held(claimant, ids, lost.count) from None
@@ -381,7 +403,49 @@ class Ledger:
         """
         for request in requests:
             _authorize(claimant, request, request.consumers)
+        if self._autocommit is not None and len(requests) == 1:
+            claimed = self._claim_now(claimant, requests[0])
+            if claimed is not None:
+                return claimed
+        return self._claim_in_transaction(claimant, requests)
 
+    def _claim_now(self, claimant: Claimant, request: ClaimRequest) -> ClaimResult | None:
+        """PostgreSQL: claim ready rows in one statement; None if the transaction must decide.
+
+        That is a retry in mode ``items`` (what its earlier tries hold comes first) and any
+        claim that finds no ready row (a lease to take over, a retry's own claim, an error
+        to explain). A batch short of ``limit`` is topped up from expired leases.
+        """
+        if request.mode == ITEMS and claimant.try_number > 1:
+            return None
+        slot = None if request.mode == ITEMS else claimant.slot if request.mode == EACH else SHARED_SLOT
+        limit = request.limit if request.mode == ITEMS else 1
+        now = self._now()
+        out = request.output
+        stmt = q.claim_ready_now(
+            out.output_id,
+            request.generation,
+            slot,
+            _consumers_json(request.consumers),
+            claimant.identity,
+            claimant.try_number,
+            now,
+            now + timedelta(seconds=self.lease_seconds),
+            claimant.ti_key,
+            limit,
+        )
+        rows = self._run(lambda conn: conn.execute(*stmt).all(), out.ref(claimant.slot), autocommit=True)
+        if not rows:
+            return None
+        claimed = Claimed(request)
+        for row in sorted(rows, key=lambda r: r.seq):
+            claimed.add(row)
+        if len(rows) < limit:
+            (more,) = self._claim_in_transaction(claimant, [replace(request, limit=limit - len(rows))]).claims
+            claimed.extend(more)
+        return ClaimResult([claimed])
+
+    def _claim_in_transaction(self, claimant: Claimant, requests: Sequence[ClaimRequest]) -> ClaimResult:
         def tx(conn: sa.Connection) -> ClaimResult:
             now = self._now()
             result = ClaimResult(claims=[])
@@ -530,10 +594,14 @@ class Ledger:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), tz=timezone.utc).replace(tzinfo=None)
 
-    def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None) -> _T:
-        """Run ``tx`` in one transaction; retry deadlocks, translate driver errors."""
+    def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None, *, autocommit: bool = False) -> _T:
+        """Run ``tx`` in one transaction (or, ``autocommit``, each statement in its own);
+        retry deadlocks, translate driver errors."""
         for attempt in range(3):
             try:
+                if autocommit and self._autocommit is not None:
+                    with self._autocommit.connect() as conn:
+                        return tx(conn)
                 with self.engine.begin() as conn:
                     return tx(conn)
             except sa.exc.DBAPIError as exc:
@@ -671,7 +739,7 @@ def _produce(conn: sa.Connection, production: Production, now: datetime) -> tupl
         "key": out.key,
         "generation": production.generation,
         "mode": production.mode,
-        "consumers": json.dumps(sorted(production.consumers)),
+        "consumers": _consumers_json(production.consumers),
         "state": READY,
         "created_at": now,
     }
@@ -680,6 +748,11 @@ def _produce(conn: sa.Connection, production: Production, now: datetime) -> tupl
         conn.execute(q.insert_items(), chunk)
         count += len(chunk)
     return count, replaced
+
+
+def _consumers_json(consumers: Iterable[str]) -> str:
+    """A row's consumers as stored; a claim compares its handle's list with it verbatim."""
+    return json.dumps(sorted(consumers))
 
 
 def _rows(production: Production, base: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT, fence, item, meta
 
@@ -36,6 +37,19 @@ _CLAIM_COLUMNS = (
     item.c.payload_sha256,
 )
 
+
+def _constant(value: str) -> sa.ColumnElement[str]:
+    """A state or slot name written into the SQL text instead of bound as a parameter.
+
+    psycopg prepares a statement on the server after a few runs, and PostgreSQL may then
+    switch to a generic plan, planned without the parameters' values: such a plan cannot
+    prove ``state != $1`` implies the claimable index's ``state != 'consumed'`` and walks
+    every consumed row of the pool instead (a batch claim went from 0.3 ms to 5 ms).
+    """
+    return sa.literal_column(f"'{value}'", sa.String())
+
+
+_READY, _CLAIMED, _CONSUMED, _SHARED = (_constant(v) for v in (READY, CLAIMED, CONSUMED, SHARED_SLOT))
 
 #: A statement and the values of its bind parameters, ready for ``conn.execute(*bound)``.
 Bound = tuple[sa.Executable, dict[str, Any]]
@@ -61,9 +75,9 @@ _NOT_FENCED = ~sa.exists(
 # The state is compared through coalesce() so planners go by the ids (primary key), not by
 # the state index: with many claims in flight, "state = 'claimed'" matches them all.
 _HELD = sa.and_(
-    _IDS, sa.func.coalesce(item.c.state, item.c.state) == CLAIMED, _OWNER_IS, item.c.owner_try == _P("o_try")
+    _IDS, sa.func.coalesce(item.c.state, item.c.state) == _CLAIMED, _OWNER_IS, item.c.owner_try == _P("o_try")
 )
-_POOL = sa.and_(item.c.output_id == _P("output_id"), item.c.generation == _P("generation"), item.c.slot == SHARED_SLOT)
+_POOL = sa.and_(item.c.output_id == _P("p_output"), item.c.generation == _P("p_gen"), item.c.slot == _SHARED)
 
 
 def _owner(owner: tuple[str, str, str, int], try_number: int) -> dict[str, Any]:
@@ -94,49 +108,154 @@ _RECLAIMABLE = sa.or_(
     sa.and_(item.c.lease_expires_at < _P("now"), ~sa.and_(_OWNER_IS, item.c.owner_try == _P("o_try"))),
     sa.and_(_OWNER_IS, item.c.owner_try < _P("o_try")),
 )
-_UNCONSUMED = item.c.state != CONSUMED  # lets PostgreSQL and SQLite use the claimable partial index
-_LOCK_READY = _from_pool(_UNCONSUMED, item.c.state == READY)
-_LOCK_RECLAIMABLE = _from_pool(_UNCONSUMED, item.c.state == CLAIMED, _RECLAIMABLE)
+_UNCONSUMED = item.c.state != _CONSUMED  # lets PostgreSQL and SQLite use the claimable partial index
+_LOCK_READY = _from_pool(_UNCONSUMED, item.c.state == _READY)
+_LOCK_RECLAIMABLE = _from_pool(_UNCONSUMED, item.c.state == _CLAIMED, _RECLAIMABLE)
 _LOCK_RECLAIMABLE_EXCLUDING = _from_pool(
-    _UNCONSUMED, item.c.state == CLAIMED, _RECLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
+    _UNCONSUMED, item.c.state == _CLAIMED, _RECLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
 )
-_LOCK_OWN_EARLIER = _from_pool(item.c.state == CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
-_SLOT = sa.and_(item.c.output_id == _P("output_id"), item.c.generation == _P("generation"), item.c.slot == _P("slot"))
+_LOCK_OWN_EARLIER = _from_pool(item.c.state == _CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
+_SLOT = sa.and_(item.c.output_id == _P("p_output"), item.c.generation == _P("p_gen"), item.c.slot == _P("p_slot"))
 _LOCK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT).with_for_update(skip_locked=True)
 _PEEK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT)
-_MARK_CLAIMED = (
-    sa.update(item)
-    .where(_IDS, _NOT_FENCED)
-    .values(
-        state=CLAIMED,
-        owner_dag_id=_P("o_dag"),
-        owner_run_id=_P("o_run"),
-        owner_task_id=_P("o_task"),
-        owner_map_index=_P("o_map"),
-        owner_try=_P("o_try"),
-        claimed_at=_P("now"),
-        lease_expires_at=_P("lease"),
-    )
-)
-_CONSUMED: dict[str, Any] = {"state": CONSUMED, "consumed_at": _P("now"), "lease_expires_at": None}
-_MARK_CONSUMED = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMED, payload=None)
-_MARK_CONSUMED_KEEPING = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMED)
+_CLAIM_VALUES: dict[str, Any] = {
+    "state": CLAIMED,
+    "owner_dag_id": _P("o_dag"),
+    "owner_run_id": _P("o_run"),
+    "owner_task_id": _P("o_task"),
+    "owner_map_index": _P("o_map"),
+    "owner_try": _P("o_try"),
+    "claimed_at": _P("now"),
+    "lease_expires_at": _P("lease"),
+}
+_MARK_CLAIMED = sa.update(item).where(_IDS, _NOT_FENCED).values(**_CLAIM_VALUES)
+_CONSUMING: dict[str, Any] = {"state": CONSUMED, "consumed_at": _P("now"), "lease_expires_at": None}
+_MARK_CONSUMED = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMING, payload=None)
+_MARK_CONSUMED_KEEPING = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMING)
 _EXTEND_LEASE = sa.update(item).where(_HELD).values(lease_expires_at=_P("lease"))
+
+
+# -- PostgreSQL: claim and consume in one statement each ----------------------------------------
+#
+# Sent outside an explicit transaction (autocommit), each is one round trip instead of four
+# (BEGIN, lock, update, COMMIT) and row locks are held only while the statement runs. They
+# cover the common case only: a first try claiming ready rows of one output, and a finish that
+# only consumes. Anything else (a retry, expired leases, an empty result to explain, outputs
+# to write) goes through the general transaction. Ids travel as one array, not one parameter
+# each (``= ANY(:ids)``): a statement's text then stays the same whatever the batch size.
+
+_ID_ARRAY = sa.any_(_P("ids", type_=postgresql.ARRAY(sa.BigInteger())))
+_RETURNED = (item.c.id, item.c.seq, item.c.payload, item.c.payload_uri, item.c.payload_size, item.c.payload_sha256)
+
+
+def _claim_picked(*where: sa.ColumnElement[bool]) -> sa.Update:
+    """Lock ready rows meeting ``where`` (skipping rows others are claiming), then claim them
+    for this try unless it is fenced out; returns what the claim needs of each row.
+
+    ``consumers`` must equal the producer's list as stored: a handle whose list differs
+    claims nothing here, and the general path says why.
+    """
+    picked = (
+        sa.select(item.c.id)
+        .where(*where, _UNCONSUMED, item.c.state == _READY, item.c.consumers == _P("p_consumers"))
+        .order_by(item.c.seq)
+        .limit(_P("limit", type_=sa.Integer()))
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    return (
+        sa.update(item)
+        .where(item.c.id.in_(sa.select(picked.c.id)), _NOT_FENCED)
+        .values(**_CLAIM_VALUES)
+        .returning(*_RETURNED)
+    )
+
+
+_CLAIM_READY_NOW = _claim_picked(_POOL)
+_CLAIM_SLOT_NOW = _claim_picked(_SLOT)
+
+
+def _consume_all(**values: Any) -> sa.Update:
+    """Consume ``:ids`` only if this try holds every one of them: ``:n`` rows or none.
+
+    The rows are locked first (a concurrent takeover is waited for, then re-checked), so
+    the count and the update see the same rows.
+    """
+    held = (
+        sa.select(item.c.id)
+        .where(
+            item.c.id == _ID_ARRAY,
+            sa.func.coalesce(item.c.state, item.c.state) == _CLAIMED,  # by id, not the state index
+            _OWNER_IS,
+            item.c.owner_try == _P("o_try"),
+            _NOT_FENCED,
+        )
+        .with_for_update()
+        .cte("held")
+    )
+    everything = sa.select(sa.func.count()).select_from(held).scalar_subquery() == _P("n", type_=sa.Integer())
+    return sa.update(item).where(item.c.id.in_(sa.select(held.c.id)), everything).values(**values)
+
+
+_CONSUME_ALL_NOW = _consume_all(**_CONSUMING, payload=None)
+_CONSUME_ALL_KEEPING_NOW = _consume_all(**_CONSUMING)
+
+
+def claim_ready_now(
+    output_id: str,
+    generation: int,
+    slot: str | None,
+    consumers: str,
+    owner: tuple[str, str, str, int],
+    try_number: int,
+    now: datetime,
+    lease: datetime,
+    ti_key: str,
+    limit: int,
+) -> Bound:
+    """PostgreSQL, one statement: claim up to ``limit`` ready rows of a pool (``slot`` None)
+    or a slot's row, for this try."""
+    params = {
+        "p_output": output_id,
+        "p_gen": generation,
+        "p_consumers": consumers,
+        "limit": limit,
+        "now": now,
+        "lease": lease,
+        "ti_key": ti_key,
+        **_owner(owner, try_number),
+    }
+    if slot is None:
+        return _CLAIM_READY_NOW, params
+    return _CLAIM_SLOT_NOW, {**params, "p_slot": slot}
+
+
+def consume_all_now(
+    ids: Sequence[int],
+    owner: tuple[str, str, str, int],
+    try_number: int,
+    now: datetime,
+    ti_key: str,
+    keep_payload: bool = False,
+) -> Bound:
+    """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none."""
+    stmt = _CONSUME_ALL_KEEPING_NOW if keep_payload else _CONSUME_ALL_NOW
+    return stmt, {"ids": list(ids), "n": len(ids), "now": now, "ti_key": ti_key, **_owner(owner, try_number)}
 
 
 def lock_slot(output_id: str, generation: int, slot: str) -> Bound:
     """Lock the one row of a slot (modes each/one); a row being claimed elsewhere is skipped."""
-    return _LOCK_SLOT, {"output_id": output_id, "generation": generation, "slot": slot}
+    return _LOCK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot}
 
 
 def peek_slot(output_id: str, generation: int, slot: str) -> Bound:
     """Read a slot without locking, to explain why :func:`lock_slot` returned nothing."""
-    return _PEEK_SLOT, {"output_id": output_id, "generation": generation, "slot": slot}
+    return _PEEK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot}
 
 
 def lock_ready(output_id: str, generation: int, limit: int) -> Bound:
     """Lock up to ``limit`` ready items of a shared pool (mode items), lowest seq first."""
-    return _LOCK_READY, {"output_id": output_id, "generation": generation, "limit": limit}
+    return _LOCK_READY, {"p_output": output_id, "p_gen": generation, "limit": limit}
 
 
 def lock_reclaimable(
@@ -150,7 +269,7 @@ def lock_reclaimable(
 ) -> Bound:
     """Lock up to ``limit`` claimed items of a pool that may be taken over: expired leases,
     and what earlier tries of this task instance held (``exclude``: already taken)."""
-    params = {"output_id": output_id, "generation": generation, "now": now, "limit": limit, **_owner(owner, try_number)}
+    params = {"p_output": output_id, "p_gen": generation, "now": now, "limit": limit, **_owner(owner, try_number)}
     if exclude:
         return _LOCK_RECLAIMABLE_EXCLUDING, {**params, "exclude": list(exclude)}
     return _LOCK_RECLAIMABLE, params
@@ -161,8 +280,8 @@ def lock_own_earlier(
 ) -> Bound:
     """What earlier tries of this task instance still hold: a retry takes these back first."""
     return _LOCK_OWN_EARLIER, {
-        "output_id": output_id,
-        "generation": generation,
+        "p_output": output_id,
+        "p_gen": generation,
         "limit": limit,
         **_owner(owner, try_number),
     }
@@ -230,7 +349,7 @@ def count_output(output_id: str, generation: int) -> sa.Select:
 
 def release_any(ids: Sequence[int]) -> sa.Update:
     """Operator's override (CLI ``release``): free a stuck claim whoever holds it."""
-    return sa.update(item).where(item.c.id.in_(ids), item.c.state == CLAIMED).values(**_UNCLAIMED)
+    return sa.update(item).where(item.c.id.in_(ids), item.c.state == _CLAIMED).values(**_UNCLAIMED)
 
 
 _UNCLAIMED = {
@@ -249,14 +368,14 @@ _RELEASE = sa.update(item).where(_HELD).values(**_UNCLAIMED)
 def unconsumed_uris(output_id: str) -> sa.Select:
     """Blobs of what :func:`replace_unconsumed` is about to delete."""
     return sa.select(item.c.payload_uri).where(
-        item.c.output_id == output_id, item.c.state != CONSUMED, item.c.payload_uri.is_not(None)
+        item.c.output_id == output_id, item.c.state != _CONSUMED, item.c.payload_uri.is_not(None)
     )
 
 
 def needed_uris(uris: Sequence[str], keep_consumed: bool) -> sa.Select:
     """Which of ``uris`` some row still needs: an unconsumed one (or any, if payloads are kept)."""
     stmt = sa.select(item.c.payload_uri).where(item.c.payload_uri.in_(uris)).distinct()
-    return stmt if keep_consumed else stmt.where(item.c.state != CONSUMED)
+    return stmt if keep_consumed else stmt.where(item.c.state != _CONSUMED)
 
 
 def output_uris(output_id: str, generation: int) -> sa.Select:
@@ -274,7 +393,7 @@ def delete_output(output_id: str, generation: int) -> sa.Delete:
 
 def replace_unconsumed(output_id: str) -> sa.Delete:
     """A re-run producer replaces what its earlier tries left unconsumed (no duplicates)."""
-    return sa.delete(item).where(item.c.output_id == output_id, item.c.state != CONSUMED)
+    return sa.delete(item).where(item.c.output_id == output_id, item.c.state != _CONSUMED)
 
 
 def insert_items() -> sa.Insert:
@@ -311,7 +430,7 @@ def count_by_state() -> sa.Select:
 
 def storage_stats() -> sa.Select:
     """Bytes stored (inline and offloaded) and the oldest item nobody has consumed yet."""
-    unconsumed = item.c.state != CONSUMED
+    unconsumed = item.c.state != _CONSUMED
     offloaded = item.c.payload_uri.is_not(None)
     return sa.select(
         sa.func.coalesce(sa.func.sum(sa.case((unconsumed, item.c.payload_size), else_=0)), 0).label("bytes"),
@@ -334,11 +453,11 @@ def purgeable(consumed_before: datetime, expired_before: datetime | None, now: d
     re-read every remaining consumed row for each batch (quadratic).
     """
     state = sa.func.coalesce(item.c.state, item.c.state)
-    done = sa.and_(state == CONSUMED, item.c.consumed_at < consumed_before)
+    done = sa.and_(state == _CONSUMED, item.c.consumed_at < consumed_before)
     if expired_before is None:
         return done
-    unclaimed = sa.or_(state == READY, item.c.lease_expires_at < now)
-    expired = sa.and_(state != CONSUMED, item.c.created_at < expired_before, unclaimed)
+    unclaimed = sa.or_(state == _READY, item.c.lease_expires_at < now)
+    expired = sa.and_(state != _CONSUMED, item.c.created_at < expired_before, unclaimed)
     return sa.or_(done, expired)
 
 
@@ -371,7 +490,7 @@ def stored_payloads(after_id: int, limit: int, with_consumed_blobs: bool) -> sa.
     """Rows whose stored payload key rotation rewrites, walking the primary key."""
     blob: sa.ColumnElement[bool] = item.c.payload_uri.is_not(None)
     if not with_consumed_blobs:
-        blob = sa.and_(blob, item.c.state != CONSUMED)
+        blob = sa.and_(blob, item.c.state != _CONSUMED)
     return (
         sa.select(item.c.id, item.c.payload, item.c.payload_uri, item.c.payload_size, item.c.payload_sha256)
         .where(item.c.id > after_id, sa.or_(item.c.payload.is_not(None), blob))
@@ -390,7 +509,7 @@ def move_blob(old_uri: str, new_uri: str, size: int, sha256: str) -> sa.Update:
     be reading the old blob right now, so they move on a later run."""
     return (
         sa.update(item)
-        .where(item.c.payload_uri == old_uri, item.c.state != CLAIMED)
+        .where(item.c.payload_uri == old_uri, item.c.state != _CLAIMED)
         .values(payload_uri=new_uri, payload_size=size, payload_sha256=sha256)
     )
 

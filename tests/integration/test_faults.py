@@ -576,16 +576,26 @@ def test_a_finish_whose_commit_acknowledgement_is_lost_is_recognised_as_done(led
     commit = dialect.do_commit
     lost = []
 
-    def commit_then_lose_the_ack_once(dbapi_conn: Any) -> None:
-        commit(dbapi_conn)
+    def lose_the_ack_once() -> None:
         if not lost:
             lost.append(True)
             raise dialect.loaded_dbapi.OperationalError("connection lost before the commit was acknowledged")
 
+    def commit_then_lose_the_ack_once(dbapi_conn: Any) -> None:
+        commit(dbapi_conn)
+        lose_the_ack_once()
+
+    def autocommitted_then_lose_the_ack_once(conn: sa.Connection, *_: Any) -> None:
+        # PostgreSQL consumes in one autocommit statement: it is committed once it ran.
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            lose_the_ack_once()
+
     dialect.do_commit = commit_then_lose_the_ack_once  # type: ignore[method-assign]
+    sa.event.listen(ledger.engine, "after_cursor_execute", autocommitted_then_lose_the_ack_once)
     try:
         ledger.finish(me, held)  # no error: the items are consumed by this very try
     finally:
         dialect.do_commit = commit  # type: ignore[method-assign]
+        sa.event.remove(ledger.engine, "after_cursor_execute", autocommitted_then_lose_the_ack_once)
     assert lost, "the fault was not injected"
     assert ledger.counts() == {CONSUMED: 3}

@@ -699,3 +699,50 @@ def test_a_long_drain_never_gets_its_own_items_twice(ledger: Ledger, clock: Fake
     assert len(rest) == 1 and not set(rest) & set(first)
     ledger.finish(me, first + rest + first[:1])  # an id named twice is consumed once
     assert ledger.counts() == {CONSUMED: 3}
+
+
+def test_on_postgres_a_claim_and_a_finish_are_one_autocommit_statement_each(ledger: Ledger) -> None:
+    """The common case is one round trip each on PostgreSQL (the benchmark's claim path);
+    elsewhere, and whenever the single statement cannot decide, a transaction."""
+    produce(ledger, ITEMS, ["load"], [b"a", b"b", b"c"])
+    produce(ledger, EACH, ["load"], [b"e"], output=OTHER)
+    sent: list[str] = []
+
+    def statement(conn: sa.Connection, *_: Any) -> None:
+        sent.append("statement")
+
+    def begin(conn: sa.Connection) -> None:
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            sent.append("transaction")
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", statement)
+    sa.event.listen(ledger.engine, "begin", begin)
+    try:
+        items = claim(ledger, who("load"), request(ITEMS, ["load"], limit=2))
+        each = claim(ledger, who("load"), request(EACH, ["load"], output=OTHER))
+        ledger.finish(who("load"), items.ids + each.ids)
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", statement)
+        sa.event.remove(ledger.engine, "begin", begin)
+    assert payloads_of(items) == [b"a", b"b"] and payloads_of(each) == [b"e"]
+    assert ledger.counts() == {CONSUMED: 3, READY: 1}
+    if ledger.engine.dialect.name == "postgresql":
+        assert sent == ["statement"] * 3
+    else:
+        assert sent.count("transaction") == 3
+
+
+def test_a_finish_that_lost_some_of_its_claims_consumes_none(ledger: Ledger) -> None:
+    produce(ledger, ITEMS, ["load"], [b"a", b"b", b"c"])
+    me, other = who("load", map_index=0), who("load", map_index=1)
+    mine = claim(ledger, me, request(ITEMS, ["load"], limit=2)).ids
+    assert ledger.release_any(mine[:1]) == 1  # an operator freed one of them
+    taken = claim(ledger, other, request(ITEMS, ["load"], limit=1)).ids
+    assert taken == mine[:1]
+
+    text = raises(ClaimConflictError, lambda: ledger.finish(me, mine), "load")
+    assert "no longer holds 1 of its 2 claimed item(s)" in text and "nothing was consumed" in text
+    assert state_of(ledger, mine) == [CLAIMED, CLAIMED] and ledger.counts() == {CLAIMED: 2, READY: 1}
+    ledger.finish(me, mine[1:])
+    ledger.finish(other, taken)
+    assert ledger.counts() == {CONSUMED: 2, READY: 1}
