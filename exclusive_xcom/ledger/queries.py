@@ -85,14 +85,26 @@ def _owner(owner: tuple[str, str, str, int], try_number: int) -> dict[str, Any]:
     return {"o_dag": dag_id, "o_run": run_id, "o_task": task_id, "o_map": map_index, "o_try": try_number}
 
 
+#: MySQL/MariaDB are told which index a pool claim reads: left to itself MariaDB chose the
+#: unique key at 100,000 rows (in seq order, but through every consumed row of the pool: a
+#: 120 ms claim) and the pool index at 1,000,000 (4 ms).
+_POOL_INDEX_HINT = "FORCE INDEX (ix_exclusive_xcom_item_pool)"
+
+
 def _from_pool(*conditions: sa.ColumnElement[bool]) -> sa.Select:
-    """Up to ``:limit`` rows of a shared pool (mode items) meeting ``conditions``, lowest seq first."""
+    """Up to ``:limit`` rows of a shared pool (mode items) meeting ``conditions``, lowest seq first.
+
+    Every caller compares ``state`` for equality, so on MySQL/MariaDB the pool index
+    (output, generation, slot, state, seq) yields the rows already in seq order.
+    """
     return (
         sa.select(*_CLAIM_COLUMNS)
         .where(_POOL, *conditions)
         .order_by(item.c.seq)
         .limit(_P("limit", type_=sa.Integer()))
         .with_for_update(skip_locked=True)
+        .with_hint(item, _POOL_INDEX_HINT, "mysql")
+        .with_hint(item, _POOL_INDEX_HINT, "mariadb")
     )
 
 

@@ -69,10 +69,21 @@ def _fill(engine: sa.Engine) -> None:
         conn.exec_driver_sql("ANALYZE" if engine.dialect.name == "postgresql" else f"ANALYZE TABLE {item.name}")
 
 
-def _statements() -> dict[str, Any]:
+def _statements(dialect: str) -> dict[str, Any]:
     ids = [HISTORY + 1, HISTORY + 2]
     ti_key = Claimant(*OWNER).ti_key
     lease = NOW + timedelta(minutes=5)
+    if dialect == "postgresql":  # the one-statement claim and consume (see queries.py)
+        consumers = json.dumps(["d/worker"])
+        one_statement = {
+            "claim_ready_now": q.claim_ready_now(LIVE.output_id, 1, None, consumers, OWNER, 1, NOW, lease, ti_key, 100),
+            "claim_slot_now": q.claim_ready_now(
+                LIVE.output_id, 1, "d/worker", consumers, OWNER, 1, NOW, lease, ti_key, 1
+            ),
+            "consume_all_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key),
+        }
+    else:
+        one_statement = {}
     purgeable = q.purgeable(NOW - timedelta(days=7), NOW - timedelta(days=60), NOW)
     consumed_only = q.purgeable(NOW - timedelta(days=7), None, NOW)  # the default: no expire_after
     return {
@@ -90,6 +101,7 @@ def _statements() -> dict[str, Any]:
         "purge_delete": q.delete_where(list(range(1, 1001)), purgeable),
         "purge_window_consumed": q.purge_window(consumed_only, 1, 1000),
         "purge_delete_consumed": q.delete_where(list(range(1, 1001)), consumed_only),
+        **one_statement,
     }
 
 
@@ -136,7 +148,7 @@ def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
     _fill(engine)
     plans = {}
     with engine.connect() as conn:
-        for name, stmt in _statements().items():
+        for name, stmt in _statements(engine.dialect.name).items():
             plans[name] = _plan(conn, stmt)
         conn.rollback()
     engine.dispose()
@@ -147,7 +159,11 @@ def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
     pk = {"postgresql": "_pkey", "sqlite": "PRIMARY KEY", "mysql": "key=PRIMARY", "mariadb": "key=PRIMARY"}
     # So must the writes to items a claimant holds: by id, not by "state = 'claimed'", which
     # matches every claim in flight.
-    by_id = [n for n in plans if n.startswith("purge_") or n in ("mark_claimed", "mark_consumed", "extend_lease")]
+    by_id = [
+        n
+        for n in plans
+        if n.startswith("purge_") or n in ("mark_claimed", "mark_consumed", "extend_lease", "consume_all_now")
+    ]
     off_pk = {n: plans[n] for n in by_id if pk[engine.dialect.name] not in plans[n]}
     assert not off_pk, "purge statements not on the primary key:\n" + "\n\n".join(
         f"{n}:\n{p}" for n, p in off_pk.items()
@@ -155,8 +171,15 @@ def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
     # MySQL/MariaDB have no partial index: a claim must still not step over the pool's
     # consumed rows (its estimate of rows read stays near the batch, not DRAINED).
     if engine.dialect.name in ("mysql", "mariadb"):
+        pool = ("lock_ready", "lock_reclaimable", "lock_own_earlier")
+        unhinted = {n: plans[n] for n in pool if "key=ix_exclusive_xcom_item_pool" not in plans[n]}
+        assert not unhinted, f"pool claims not on the pool index: {unhinted}"
         wide = {n: plans[n] for n in ("lock_ready", "lock_reclaimable") if _max_rows(plans[n]) >= DRAINED // 2}
         assert not wide, "claims reading the consumed rows of their pool:\n" + "\n".join(
             f"{n}: {p}" for n, p in wide.items()
         )
+    # PostgreSQL's single-statement claims read the claimable partial index (ready rows only).
+    if engine.dialect.name == "postgresql":
+        for name in ("claim_ready_now", "claim_slot_now"):
+            assert "ix_exclusive_xcom_item_claimable" in plans[name], f"{name}:\n{plans[name]}"
     assert not scanning, "full scans of the item table:\n" + "\n\n".join(f"{n}:\n{p}" for n, p in scanning.items())
