@@ -126,7 +126,7 @@ _LOCK_RECLAIMABLE = _from_pool(_UNCONSUMED, item.c.state == _CLAIMED, _RECLAIMAB
 _LOCK_RECLAIMABLE_EXCLUDING = _from_pool(
     _UNCONSUMED, item.c.state == _CLAIMED, _RECLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
 )
-_LOCK_OWN_EARLIER = _from_pool(item.c.state == _CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
+_LOCK_OWN_EARLIER = _from_pool(_UNCONSUMED, item.c.state == _CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
 _SLOT = sa.and_(item.c.output_id == _P("p_output"), item.c.generation == _P("p_gen"), item.c.slot == _P("p_slot"))
 _LOCK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT).with_for_update(skip_locked=True)
 _PEEK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT)

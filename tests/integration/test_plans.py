@@ -9,6 +9,7 @@ ledger of 20,000 mostly consumed items (statistics refreshed), on each database.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -178,8 +179,17 @@ def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
         assert not wide, "claims reading the consumed rows of their pool:\n" + "\n".join(
             f"{n}: {p}" for n, p in wide.items()
         )
-    # PostgreSQL's single-statement claims read the claimable partial index (ready rows only).
-    if engine.dialect.name == "postgresql":
-        for name in ("claim_ready_now", "claim_slot_now"):
-            assert "ix_exclusive_xcom_item_claimable" in plans[name], f"{name}:\n{plans[name]}"
+    # Where partial indexes exist, pool claims read the claimable one (no consumed rows in it)
+    # and nothing else: a bitmap AND with another index read and sorted a whole pool per claim.
+    if engine.dialect.name in ("postgresql", "sqlite"):
+        pool = ["lock_ready", "lock_reclaimable", "lock_own_earlier"]
+        pool += ["claim_ready_now", "claim_slot_now"] if engine.dialect.name == "postgresql" else []
+        for name in pool:
+            indexes = set(
+                re.findall(r"\b(ix_exclusive_xcom_\w+|uq_exclusive_xcom_\w+|exclusive_xcom_item_pkey)", plans[name])
+            )
+            assert indexes <= {"ix_exclusive_xcom_item_claimable", "exclusive_xcom_item_pkey"}, (
+                f"{name}:\n{plans[name]}"
+            )
+            assert "ix_exclusive_xcom_item_claimable" in indexes, f"{name}:\n{plans[name]}"
     assert not scanning, "full scans of the item table:\n" + "\n\n".join(f"{n}:\n{p}" for n, p in scanning.items())
