@@ -3,7 +3,8 @@
 For one single-item claim and one finish (mode ``items``, the path of cases 1 and 2):
 
 * statements the ledger sends (SQLAlchemy ``before_cursor_execute``), transactions
-  (``begin`` events) and pool checkouts (each one costs a ``SELECT 1`` with ``pool_pre_ping``);
+  (``begin`` events, not counting autocommit connections: PostgreSQL's one-statement claim
+  and consume send no BEGIN) and pool checkouts (a ``SELECT 1`` would be a ping);
 * network round trips, counted as ``sendto`` system calls by ``strace`` in a child process
   (the difference between N cycles and none, over N), so BEGIN, COMMIT and pings count too;
 * wall and client CPU time per call, and the time to build the Core statements alone;

@@ -4,7 +4,9 @@ Statements are SQLAlchemy Core so one definition renders correctly on PostgreSQL
 MySQL/MariaDB and SQLite. Row locks: ``FOR UPDATE SKIP LOCKED`` on the servers (a row
 another transaction is claiming is passed over, never waited for); SQLite has no row
 locks and drops the clause, its writers are serialized by ``BEGIN IMMEDIATE`` instead
-(see :mod:`exclusive_xcom.ledger.engine`).
+(see :mod:`exclusive_xcom.ledger.engine`). On PostgreSQL the common claim and consume are
+single statements sent in autocommit ("one statement each" below); the rest of the claim
+path is the portable transaction.
 """
 
 from __future__ import annotations
