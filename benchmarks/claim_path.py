@@ -66,11 +66,7 @@ def run(settings: Settings) -> dict[str, Any]:
                                 "durability": durability,
                                 "contender": contender,
                                 "workers": workers,
-                                "items": result.items,
-                                "seconds": round(result.seconds, 3),
-                                "items_per_s": round(result.rate, 1),
-                                "queue": size,
-                                "ran_dry": result.items >= size,
+                                **result.row(size),
                             }
                         )
             finally:

@@ -94,11 +94,7 @@ def _run_server(
                             "contender": contender,
                             "batch": batch,
                             "workers": workers,
-                            "items": result.items,
-                            "seconds": round(result.seconds, 3),
-                            "items_per_s": round(result.rate, 1),
-                            "queue": size,
-                            "ran_dry": result.items >= size,
+                            **result.row(size),
                         }
                     )
     finally:

@@ -31,6 +31,16 @@ class Measurement:
     def rate(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
+    def row(self, queue: int) -> dict[str, Any]:
+        """The figures every throughput table reports, for a queue of ``queue`` items."""
+        return {
+            "items": self.items,
+            "seconds": round(self.seconds, 3),
+            "items_per_s": round(self.rate, 1),
+            "queue": queue,
+            "ran_dry": self.items >= queue,
+        }
+
 
 def _serve(index: int, inbox: Any, outbox: Any) -> None:
     while (job := inbox.get()) is not None:

@@ -252,9 +252,12 @@ def consume_all_now(
     ti_key: str,
     keep_payload: bool = False,
 ) -> Bound:
-    """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none."""
-    stmt = _CONSUME_ALL_KEEPING_NOW if keep_payload else _CONSUME_ALL_NOW
-    return stmt, {"ids": list(ids), "n": len(ids), "now": now, "ti_key": ti_key, **_owner(owner, try_number)}
+    """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none.
+
+    The parameters are :func:`mark_consumed`'s, plus how many rows must be held.
+    """
+    _, params = mark_consumed(ids, owner, try_number, now, ti_key)
+    return (_CONSUME_ALL_KEEPING_NOW if keep_payload else _CONSUME_ALL_NOW), {**params, "n": len(params["ids"])}
 
 
 def lock_slot(output_id: str, generation: int, slot: str) -> Bound:
