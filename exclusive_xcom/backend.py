@@ -36,7 +36,7 @@ __all__ = ["ExclusiveXComBackend"]
 def base_backend() -> type[BaseXCom]:
     """The backend every non-exclusive XCom is delegated to (read once per process)."""
     from airflow.configuration import conf
-    from airflow.sdk.module_loading import import_string
+    from airflow.sdk.module_loading import import_string  # type: ignore[attr-defined]  # public path, lacks __all__
 
     from exclusive_xcom.errors import ConfigurationError
 
@@ -61,7 +61,7 @@ class ExclusiveXComBackend(BaseXCom):
     """Refuses handle reads by non-consumers, forgets purged handles, delegates the rest."""
 
     @classmethod
-    def serialize_value(  # type: ignore[override]
+    def serialize_value(
         cls,
         value: Any,
         *,
@@ -79,7 +79,7 @@ class ExclusiveXComBackend(BaseXCom):
         )
 
     @classmethod
-    def deserialize_value(cls, result: Any) -> Any:  # type: ignore[override]
+    def deserialize_value(cls, result: Any) -> Any:
         """A handle is returned only to a reader it allows; ``result`` may only have ``.value``."""
         if not is_handle(getattr(result, "value", None)):
             return base_backend().deserialize_value(result)

@@ -194,7 +194,7 @@ def _is_exclusive(op: Any) -> bool:
 
 
 @attr.define(slots=False)
-class _ExclusiveTaskDecorator(_TaskDecorator):
+class _ExclusiveTaskDecorator(_TaskDecorator[..., Any, _ExclusiveDecoratedOperator]):
     """Airflow's TaskFlow decorator, but a call returns a reference to the handle's key."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> XComArg:

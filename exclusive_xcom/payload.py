@@ -15,14 +15,17 @@ every frame's Fernet MAC have been verified.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import InvalidToken
 
 from exclusive_xcom.crypto import Keyring
 from exclusive_xcom.errors import ConfigurationError, ItemRef, PayloadError
 from exclusive_xcom.ledger import Offloaded
+
+if TYPE_CHECKING:
+    from exclusive_xcom.storage import BlobStore
 
 MAGIC = b"\x00xx1"
 FRAME = 1 << 20
@@ -35,10 +38,10 @@ class Codec:
     def __init__(self, keyring: Keyring, threshold: int, store: Any = None) -> None:
         self.keyring = keyring
         self.threshold = threshold
-        self._store = store  # a BlobStore, or a callable making one on first offload
+        self._store: BlobStore | Callable[[], BlobStore] | None = store  # or a callable making one on first offload
 
     @property
-    def store(self) -> Any:
+    def store(self) -> BlobStore:
         if callable(self._store):
             self._store = self._store()
         if self._store is None:

@@ -86,7 +86,8 @@ def is_final_try(context: Mapping[str, Any]) -> bool:
     max_tries = getattr(ti, "max_tries", None)
     if max_tries is None:
         max_tries = context["task"].retries or 0
-    return ti.try_number > max_tries
+    try_number: int = ti.try_number
+    return try_number > max_tries
 
 
 @dataclass

@@ -73,7 +73,8 @@ class BlobStore:
 
         digest, size = hashlib.sha256(), 0
         try:
-            with ObjectStoragePath(blob.uri).open("rb") as f:
+            path: Any = ObjectStoragePath(blob.uri)  # its open() is unannotated
+            with path.open("rb") as f:
                 while chunk := f.read(READ_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)

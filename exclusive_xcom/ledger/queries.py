@@ -13,12 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT, fence, item, meta
+
+if TYPE_CHECKING:
+    from decimal import Decimal
+
+    from typing_extensions import Unpack
+
+    Rows = sa.Select[Unpack[tuple[Any, ...]]]  # whole rows, however many columns
 
 _CLAIM_COLUMNS = (
     item.c.id,
@@ -93,7 +100,7 @@ def _owner(owner: tuple[str, str, str, int], try_number: int) -> dict[str, Any]:
 _POOL_INDEX_HINT = "FORCE INDEX (ix_exclusive_xcom_item_pool)"
 
 
-def _from_pool(*conditions: sa.ColumnElement[bool]) -> sa.Select:
+def _from_pool(*conditions: sa.ColumnElement[bool]) -> Rows:
     """Up to ``:limit`` rows of a shared pool (mode items) meeting ``conditions``, lowest seq first.
 
     Every caller compares ``state`` for equality, so on MySQL/MariaDB the pool index
@@ -304,7 +311,7 @@ def lock_own_earlier(
     }
 
 
-def lock_fence(ti_key: str) -> sa.Select:
+def lock_fence(ti_key: str) -> sa.Select[int]:
     return sa.select(fence.c.try_number).where(fence.c.ti_key == ti_key).with_for_update()
 
 
@@ -354,13 +361,13 @@ def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: in
     return _RELEASE, {"ids": list(ids), **_owner(owner, try_number)}
 
 
-def select_by_ids(ids: Sequence[int]) -> sa.Select:
+def select_by_ids(ids: Sequence[int]) -> Rows:
     """Rows by id, without payloads: who holds them now, when a finish found them lost."""
     cols = [c for c in item.c if c.name != "payload"]
     return sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id)
 
 
-def count_output(output_id: str, generation: int) -> sa.Select:
+def count_output(output_id: str, generation: int) -> sa.Select[int]:
     return sa.select(sa.func.count()).where(item.c.output_id == output_id, item.c.generation == generation)
 
 
@@ -382,20 +389,20 @@ _UNCLAIMED = {
 _RELEASE = sa.update(item).where(_HELD).values(**_UNCLAIMED)
 
 
-def unconsumed_uris(output_id: str) -> sa.Select:
+def unconsumed_uris(output_id: str) -> sa.Select[str]:
     """Blobs of what :func:`replace_unconsumed` is about to delete."""
     return sa.select(item.c.payload_uri).where(
         item.c.output_id == output_id, item.c.state != _CONSUMED, item.c.payload_uri.is_not(None)
     )
 
 
-def needed_uris(uris: Sequence[str], keep_consumed: bool) -> sa.Select:
+def needed_uris(uris: Sequence[str], keep_consumed: bool) -> sa.Select[str]:
     """Which of ``uris`` some row still needs: an unconsumed one (or any, if payloads are kept)."""
     stmt = sa.select(item.c.payload_uri).where(item.c.payload_uri.in_(uris)).distinct()
     return stmt if keep_consumed else stmt.where(item.c.state != _CONSUMED)
 
 
-def output_uris(output_id: str, generation: int) -> sa.Select:
+def output_uris(output_id: str, generation: int) -> sa.Select[str]:
     return (
         sa.select(item.c.payload_uri)
         .where(item.c.output_id == output_id, item.c.generation == generation, item.c.payload_uri.is_not(None))
@@ -425,7 +432,7 @@ def select_items(
     task_id: str | None = None,
     state: str | None = None,
     limit: int | None = None,
-) -> sa.Select:
+) -> Rows:
     """Rows for people and scripts (CLI ``ls``, the demo), newest first, without payloads."""
     cols = [c for c in item.c if c.name != "payload"]
     stmt = sa.select(*cols).order_by(item.c.id.desc())
@@ -441,11 +448,11 @@ def select_items(
     return stmt.limit(limit) if limit else stmt
 
 
-def count_by_state() -> sa.Select:
+def count_by_state() -> sa.Select[str, int]:
     return sa.select(item.c.state, sa.func.count()).group_by(item.c.state)
 
 
-def storage_stats() -> sa.Select:
+def storage_stats() -> sa.Select[int | Decimal, int | Decimal, datetime | None]:
     """Bytes stored (inline and offloaded) and the oldest item nobody has consumed yet."""
     unconsumed = item.c.state != _CONSUMED
     offloaded = item.c.payload_uri.is_not(None)
@@ -478,12 +485,12 @@ def purgeable(consumed_before: datetime, expired_before: datetime | None, now: d
     return sa.or_(done, expired)
 
 
-def next_id(after_id: int) -> sa.Select:
+def next_id(after_id: int) -> sa.Select[int | None]:
     """The first id above ``after_id`` (a primary-key seek): purge windows skip id gaps."""
     return sa.select(sa.func.min(item.c.id)).where(item.c.id > after_id)
 
 
-def purge_window(condition: sa.ColumnElement[bool], first_id: int, width: int) -> sa.Select:
+def purge_window(condition: sa.ColumnElement[bool], first_id: int, width: int) -> sa.Select[int, str | None]:
     """Purgeable rows among ids ``[first_id, first_id + width)``.
 
     A bounded id window, not ``ORDER BY id LIMIT n``: with the latter a planner may pick
@@ -495,7 +502,7 @@ def purge_window(condition: sa.ColumnElement[bool], first_id: int, width: int) -
     )
 
 
-def count_where(condition: sa.ColumnElement[bool]) -> sa.Select:
+def count_where(condition: sa.ColumnElement[bool]) -> sa.Select[int]:
     return sa.select(sa.func.count()).where(condition)
 
 
@@ -503,7 +510,9 @@ def delete_where(ids: Sequence[int], condition: sa.ColumnElement[bool]) -> sa.De
     return sa.delete(item).where(item.c.id.in_(ids), condition)
 
 
-def stored_payloads(after_id: int, limit: int, with_consumed_blobs: bool) -> sa.Select:
+def stored_payloads(
+    after_id: int, limit: int, with_consumed_blobs: bool
+) -> sa.Select[int, bytes | None, str | None, int, str | None]:
     """Rows whose stored payload key rotation rewrites, walking the primary key."""
     blob: sa.ColumnElement[bool] = item.c.payload_uri.is_not(None)
     if not with_consumed_blobs:
@@ -531,11 +540,11 @@ def move_blob(old_uri: str, new_uri: str, size: int, sha256: str) -> sa.Update:
     )
 
 
-def count_blob_rows(uri: str) -> sa.Select:
+def count_blob_rows(uri: str) -> sa.Select[int]:
     return sa.select(sa.func.count()).where(item.c.payload_uri == uri)
 
 
-def stale_fences(cutoff: datetime, limit: int) -> sa.Select:
+def stale_fences(cutoff: datetime, limit: int) -> sa.Select[str]:
     """Fence rows of task instances not seen since ``cutoff``: no zombie comes back that late."""
     return sa.select(fence.c.ti_key).where(fence.c.updated_at < cutoff).limit(limit)
 
@@ -544,7 +553,7 @@ def delete_fences(ti_keys: Sequence[str], cutoff: datetime) -> sa.Delete:
     return sa.delete(fence).where(fence.c.ti_key.in_(ti_keys), fence.c.updated_at < cutoff)
 
 
-def get_meta(name: str) -> sa.Select:
+def get_meta(name: str) -> sa.Select[str]:
     return sa.select(meta.c.value).where(meta.c.name == name)
 
 
