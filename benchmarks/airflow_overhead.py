@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 from benchmarks.db import fresh_database
 from benchmarks.runner import median
 from benchmarks.settings import Settings
+from tests.support import airflow_env, migrate_metadata_db, new_airflow_home
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "airflow_driver.py"
@@ -28,51 +28,17 @@ DAG_FILE = HERE / "dags" / "chain.py"
 DAG_IDS = ["bench_chain_plain", "bench_chain_exclusive"]
 MARKER = "BENCH-RESULT "
 TIMEOUT = 600
-
-
-def airflow_env(home: Path, ledger_url: str | None) -> dict[str, str]:
-    """An isolated Airflow: nothing inherited from the caller's AIRFLOW_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-        AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH=f"file://{home / 'offload'}",
-        PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
-    if ledger_url is not None:
-        env["AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN"] = ledger_url
-    return env
-
-
-def _migrated_template(root: Path) -> Path:
-    home = root / "template"
-    (home / "dags").mkdir(parents=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env=airflow_env(home, None),
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    if proc.returncode:
-        raise RuntimeError(f"airflow db migrate failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return home / "airflow.db"
+PYTHONPATH = os.pathsep.join(p for p in [str(HERE.parent), os.environ.get("PYTHONPATH", "")] if p)
 
 
 def _run_chain(root: Path, template: Path, ledger: str, ledger_url: str | None, rounds: int) -> list[dict[str, Any]]:
-    home = root / ledger
-    (home / "dags").mkdir(parents=True)
-    shutil.copyfile(template, home / "airflow.db")
+    home = new_airflow_home(root / ledger, template, [DAG_FILE])
     dag_file = home / "dags" / DAG_FILE.name
-    shutil.copyfile(DAG_FILE, dag_file)
     spec = home / "spec.json"
     spec.write_text(json.dumps({"dag_file": str(dag_file), "dag_ids": DAG_IDS, "rounds": rounds}))
     proc = subprocess.run(
         [sys.executable, str(DRIVER), str(spec)],
-        env=airflow_env(home, ledger_url),
+        env=airflow_env(home, ledger_url=ledger_url, PYTHONPATH=PYTHONPATH),
         cwd=home,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -81,7 +47,9 @@ def _run_chain(root: Path, template: Path, ledger: str, ledger_url: str | None, 
     )
     (home / "output.log").write_text(proc.stdout)
     line = next((x for x in proc.stdout.splitlines() if x.startswith(MARKER)), None)
-    report = json.loads(line[len(MARKER) :]) if line else {"error": f"no report (exit {proc.returncode})"}
+    report: dict[str, Any] = (
+        json.loads(line[len(MARKER) :]) if line else {"error": f"no report (exit {proc.returncode})"}
+    )
     if report.get("error"):
         raise RuntimeError(f"dag.test() failed:\n{report['error']}\n{proc.stdout[-3000:]}")
     failed = [r for r in report["runs"] if "success" not in r["state"]]
@@ -95,7 +63,7 @@ def run(settings: Settings) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench_airflow_") as tmp:
         root = Path(tmp)
-        template = _migrated_template(root)
+        template = migrate_metadata_db(root / "template")
         for ledger in settings.airflow_ledgers:
             if ledger == "sqlite":
                 runs = _run_chain(root, template, ledger, None, settings.airflow_repeats)

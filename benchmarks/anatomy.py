@@ -231,7 +231,13 @@ def _statement_texts() -> dict[str, str]:
         "claim, general path: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
         "finish, general path: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
     }
-    return {name: str(bound[0].compile(dialect=postgresql.dialect())) for name, bound in statements.items()}
+    return {name: _sql(bound[0], postgresql.dialect()) for name, bound in statements.items()}
+
+
+def _sql(statement: sa.Executable, dialect: sa.Dialect) -> str:
+    """A Core statement's SQL as ``dialect`` renders it."""
+    assert isinstance(statement, sa.ClauseElement), statement  # the ledger's statements are all Core
+    return str(statement.compile(dialect=dialect))
 
 
 def _build_cost(repeat: int = 300) -> dict[str, float]:

@@ -58,8 +58,8 @@ def run(settings: Settings) -> dict[str, Any]:
                         size = sizer.size(key, seconds)
                         name = f"q{len(rows)}"
                         target, kwargs = _prepare(contender, url, name, size, ledger, admin, produce_rates)
-                        kwargs = [{**kwargs, "index": i} for i in range(workers)]
-                        result = settings.workers.measure(target, kwargs, seconds)
+                        per_worker = [{**kwargs, "index": i} for i in range(workers)]
+                        result = settings.workers.measure(target, per_worker, seconds)
                         sizer.saw(key, result.rate)
                         rows.append(
                             {

@@ -1,15 +1,15 @@
 """Throwaway databases and fast fills, shared by every case.
 
 Each measurement runs in a database of its own (``bench_<random>``, created on the server
-the URL names and dropped afterwards), so benchmark runs never see each other's rows, nor
-the test suite's. Fills that are not themselves measured go in one ``INSERT … SELECT``
-over a number series, not through the library.
+the URL names and dropped afterwards by :func:`tests.support.throwaway_database`, which
+the test suite uses too), so benchmark runs never see each other's rows, nor the test
+suite's. Fills that are not themselves measured go in one ``INSERT … SELECT`` over a
+number series, not through the library.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 
 from exclusive_xcom.ledger import Ledger, Output, create_engine
 from exclusive_xcom.ledger.schema import CONSUMED, READY, SHARED_SLOT, item
+from tests.support import throwaway_database
 
 PAYLOAD = b"x" * 64  # every item's payload, in every contender
 DAG, RUN = "bench", "manual__bench"
@@ -38,24 +39,10 @@ def backend(url: str) -> str:
 
 @contextmanager
 def fresh_database(url: str, settings: dict[str, str] | None = None) -> Iterator[str]:
-    """Create ``bench_<random>`` on the server of ``url``; yield its URL; drop it.
-
-    ``settings`` (PostgreSQL only) become the new database's defaults for every session.
-    """
-    parsed = make_url(url)
-    name = f"bench_{secrets.token_hex(5)}"
-    admin = sa.create_engine(parsed, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        for key, value in (settings or {}).items():
-            conn.exec_driver_sql(f"ALTER DATABASE {name} SET {key} = '{value}'")
-    try:
-        yield parsed.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            force = " WITH (FORCE)" if backend(url) == "postgresql" else ""
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
-        admin.dispose()
+    """A new ``bench_<random>`` database on the server of ``url`` (``settings``: PostgreSQL
+    session defaults of that database); its URL; dropped afterwards."""
+    with throwaway_database(url, prefix="bench", settings=settings) as bench_url:
+        yield bench_url
 
 
 def libpq_params(url: str) -> dict[str, Any]:

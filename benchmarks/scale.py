@@ -158,7 +158,9 @@ def _explain(engine: sa.Engine, statement: str, parameters: Any) -> str:
     postgres = backend(str(engine.url)) == "postgresql"
     prefix = "EXPLAIN (ANALYZE, BUFFERS) " if postgres else "EXPLAIN "
     with engine.connect() as conn, conn.begin() as tx:
-        cursor = conn.connection.driver_connection.cursor()
+        driver = conn.connection.driver_connection
+        assert driver is not None, "a checked-out connection has its driver connection"
+        cursor = driver.cursor()
         cursor.execute(prefix + statement, parameters)
         rows = cursor.fetchall()
         names = [d[0] for d in cursor.description]

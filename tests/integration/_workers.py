@@ -26,6 +26,7 @@ from exclusive_xcom.ledger import (
     create_engine,
 )
 from exclusive_xcom.ledger.schema import CONSUMED, item
+from tests.integration.conftest import text
 
 DAG, RUN = "faults_dag", "manual__faults"
 CONSUMER_TASK = "drain"
@@ -67,7 +68,7 @@ def hold_claims(url: str, map_index: int, try_number: int, limit: int, lease: fl
         result = ledger.claim(me, [request(limit)])
         (claimed,) = result.claims
         ids = list(claimed.ids)
-        out.put({"event": "holding", "ids": ids, "payloads": [p.decode() for p in claimed.payloads]})
+        out.put({"event": "holding", "ids": ids, "payloads": [text(p) for p in claimed.payloads]})
         if not go.wait(timeout=WAIT):
             out.put({"event": "error", "traceback": "never told to go on"})
             return
@@ -110,7 +111,7 @@ def drain_through_outages(url: str, map_index: int, batch: int, lease: float, st
     def body() -> None:
         ledger = Ledger(create_engine(url), lease_seconds=lease)
         stats: dict[str, Any] = {"unavailable": 0, "ambiguous_commits": 0, "taken_over": 0, "tries": 1, "batches": 0}
-        consumed: list[tuple[int, str]] = []
+        consumed: list[tuple[int, str, int]] = []  # (id, payload, the try that consumed it)
         try_number = 1
         _retry(lambda: ledger.enter(claimant(map_index, try_number)), stats)
         start.wait(timeout=WAIT)
@@ -133,7 +134,7 @@ def drain_through_outages(url: str, map_index: int, batch: int, lease: float, st
                 time.sleep(0.1)  # someone else holds the rest (or a lease must expire)
                 continue
             stats["batches"] += 1
-            held = [(i, p.decode(), try_number) for i, p in zip(claimed.ids, claimed.payloads, strict=True)]
+            held = [(i, text(p), try_number) for i, p in zip(claimed.ids, claimed.payloads, strict=True)]
             time.sleep(0.002)  # the task's work
             if _finish(ledger, me, claimed.ids, stats):
                 consumed.extend(held)
@@ -270,7 +271,7 @@ def drain_as_try(
                     continue
                 break
             claimed_ids.extend(claimed.ids)
-            held = list(zip(claimed.ids, (p.decode() for p in claimed.payloads), strict=True))
+            held = list(zip(claimed.ids, (text(p) for p in claimed.payloads), strict=True))
             time.sleep(work)
             if try_number == 1 and events["t1_running"].is_set() and not held_over_fence:
                 # Once, hold a batch until try 2 has claimed: a late finish is then certain.

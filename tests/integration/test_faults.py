@@ -25,10 +25,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import admin_engine, kill_session, server_sessions
 
-from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, create_engine
+from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
+from tests.integration.conftest import kill_session, server_sessions
+from tests.support import SERVERS, admin_engine
 
 from . import _workers as w
 
@@ -69,8 +70,14 @@ class Child:
         assert report["event"] == event, report
         return report
 
+    @property
+    def pid(self) -> int:
+        pid = self.proc.pid
+        assert pid is not None, f"{self.proc.name} was never started"  # started in __init__
+        return pid
+
     def signal(self, sig: signal.Signals) -> None:
-        os.kill(self.proc.pid, sig)
+        os.kill(self.pid, sig)
 
     def kill(self) -> int | None:
         self.signal(signal.SIGKILL)
@@ -79,7 +86,7 @@ class Child:
 
     def stop(self) -> None:
         if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGCONT)  # a frozen child cannot even die of SIGTERM
+            os.kill(self.pid, signal.SIGCONT)  # a frozen child cannot even die of SIGTERM
             self.proc.join(timeout=JOIN)
         if self.proc.is_alive():
             self.kill()
@@ -106,13 +113,14 @@ def children() -> Iterator[Children]:
 
 
 @pytest.fixture
-def ledger(ledger_url: str) -> Iterator[Ledger]:
-    led = Ledger(create_engine(ledger_url), lease_seconds=LEASE)
-    led.migrate()
-    try:
-        yield led
-    finally:
-        led.engine.dispose()
+def lease_seconds() -> float:
+    return LEASE
+
+
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    """Real time: the workers are other processes, whose ledgers read this machine's clock."""
+    return time.time
 
 
 def _produce(ledger: Ledger, n: int, output: Output = w.POOL, generation: int = 1) -> list[str]:
@@ -147,7 +155,7 @@ def _drain(ledger: Ledger, me: Claimant, batch: int = 50) -> dict[int, str]:
     got: dict[int, str] = {}
     while (claimed := ledger.claim(me, [w.request(batch)]).claims[0]).ids:
         ledger.finish(me, claimed.ids)
-        got.update(zip(claimed.ids, (p.decode() for p in claimed.payloads), strict=True))
+        got.update(zip(claimed.ids, (w.text(p) for p in claimed.payloads), strict=True))
     return got
 
 
@@ -201,7 +209,7 @@ def test_a_consumer_killed_holding_claims_loses_nothing(
         back = ledger.claim(retry, [w.request(KILLED_HELD)]).claims[0]
         assert sorted(back.ids) == sorted(held["ids"])
         ledger.finish(retry, back.ids)
-        reported += zip(back.ids, (p.decode() for p in back.payloads), strict=True)
+        reported += zip(back.ids, (w.text(p) for p in back.payloads), strict=True)
         reported += _drain(ledger, retry).items()
         consumer = (0, 2)
     else:
@@ -272,8 +280,8 @@ def test_a_frozen_try_resumes_as_a_zombie_and_changes_nothing(
     assert _claim_state(_rows(ledger)) == before, "the zombie changed the ledger"
 
     ledger.finish(fresh, second.ids)
-    reported = list(zip(first.ids, (p.decode() for p in first.payloads), strict=True))
-    reported += zip(second.ids, (p.decode() for p in second.payloads), strict=True)
+    reported = list(zip(first.ids, (w.text(p) for p in first.payloads), strict=True))
+    reported += zip(second.ids, (w.text(p) for p in second.payloads), strict=True)
     reported += _drain(ledger, fresh).items()
     _assert_exactly_once(ledger, reported, expected)
     assert {(r["owner_map_index"], r["owner_try"]) for r in _rows(ledger).values()} == {(0, 2)}
@@ -305,7 +313,7 @@ class Killer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        engine = admin_engine(self.kind)
+        engine = admin_engine(SERVERS[self.kind])
         rng = random.Random(7)
         try:
             with engine.connect() as conn:
@@ -426,7 +434,7 @@ def test_a_producer_that_raises_half_way_writes_nothing(backend: str, ledger: Le
 def _drain_n(ledger: Ledger, me: Claimant, n: int) -> dict[int, str]:
     claimed = ledger.claim(me, [w.request(n)]).claims[0]
     ledger.finish(me, claimed.ids)
-    return dict(zip(claimed.ids, (p.decode() for p in claimed.payloads), strict=True))
+    return dict(zip(claimed.ids, (w.text(p) for p in claimed.payloads), strict=True))
 
 
 def test_a_producer_killed_mid_write_leaves_no_partial_output(
@@ -449,7 +457,7 @@ def test_a_producer_killed_mid_write_leaves_no_partial_output(
     rollback_started = time.monotonic()
     if backend != "sqlite":
         database = sa.make_url(ledger_url).database or ""
-        admin = admin_engine(backend)
+        admin = admin_engine(SERVERS[backend])
         with admin.connect() as conn:
             deadline = time.monotonic() + 30
             while server_sessions(conn, backend, database) and time.monotonic() < deadline:
@@ -574,15 +582,15 @@ def test_a_finish_whose_commit_acknowledgement_is_lost_is_recognised_as_done(led
     held = ledger.claim(me, [w.request(limit=10)]).ids
     dialect = ledger.engine.dialect
     commit = dialect.do_commit
-    lost = []
+    lost: list[bool] = []
 
     def lose_the_ack_once() -> None:
         if not lost:
             lost.append(True)
             raise dialect.loaded_dbapi.OperationalError("connection lost before the commit was acknowledged")
 
-    def commit_then_lose_the_ack_once(dbapi_conn: Any) -> None:
-        commit(dbapi_conn)
+    def commit_then_lose_the_ack_once(dbapi_connection: sa.PoolProxiedConnection) -> None:
+        commit(dbapi_connection)
         lose_the_ack_once()
 
     def autocommitted_then_lose_the_ack_once(conn: sa.Connection, *_: Any) -> None:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from exclusive_xcom.errors import PayloadError
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, create_engine
+from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.ledger.schema import item
 from exclusive_xcom.runtime import Session
 
@@ -18,8 +19,8 @@ OUT = Output(DAG, RUN, "enqueue")
 SLOTS = (f"{DAG}/work",)
 
 
-def drain(ledger: Ledger, claimant: Claimant, batch: int) -> list[bytes | None]:
-    got: list[bytes | None] = []
+def drain(ledger: Ledger, claimant: Claimant, batch: int) -> list[Stored]:
+    got: list[Stored] = []
     while True:
         result = ledger.claim(claimant, [ClaimRequest(OUT, 1, ITEMS, SLOTS, limit=batch)])
         if not result.ids:
@@ -45,6 +46,7 @@ def test_an_empty_iterable_is_an_empty_pool(ledger_url: str) -> None:
     assert drain(ledger, Claimant(DAG, RUN, "work"), batch=10) == []
 
 
+@pytest.mark.slow
 def test_a_million_items_stream_in_chunks_with_bounded_memory(tmp_path: Path) -> None:
     """Produced from a generator: memory must not grow with the item count (SQLite keeps it fast)."""
     n = 1_000_000

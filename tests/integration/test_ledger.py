@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
-from conftest import FakeClock
 
 from exclusive_xcom.errors import (
     AlreadyConsumedError,
@@ -32,71 +32,30 @@ from exclusive_xcom.ledger import (
     ClaimResult,
     Ledger,
     Output,
-    Production,
-    consumer_slot,
-    create_engine,
 )
-from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SCHEMA_VERSION, item
+from exclusive_xcom.ledger.ledger import Stored
+from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SCHEMA_VERSION
+from tests.conftest import FakeClock
+from tests.integration.conftest import DAG, OTHER, RUN, inline, production, request, rows, slot, who
 
-DAG = "etl"
-RUN = "manual__2024-05-01T00:00:00+00:00"
 LEASE = 60.0
-EXTRACT = Output(DAG, RUN, "extract")
-OTHER = Output(DAG, RUN, "other")
 TRANSFORM = Output(DAG, RUN, "transform")
 _T = TypeVar("_T")
 
 
-@pytest.fixture
-def ledger(ledger_url: str, clock: FakeClock) -> Iterator[Ledger]:
-    engine = create_engine(ledger_url)
-    ledger = Ledger(engine, lease_seconds=LEASE, clock=clock)
-    assert ledger.migrate() == SCHEMA_VERSION
-    try:
-        yield ledger
-    finally:
-        engine.dispose()
-
-
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def slot(task_id: str) -> str:
-    return consumer_slot(DAG, task_id)
-
-
-def who(task_id: str, try_number: int = 1, map_index: int = -1) -> Claimant:
-    return Claimant(DAG, RUN, task_id, map_index, try_number)
-
-
-def production(
-    mode: str, consumers: Iterable[str], payloads: Iterable[bytes], *, output: Output = EXTRACT, generation: int = 1
-) -> Production:
-    return Production(output, generation, mode, tuple(slot(c) for c in consumers), payloads)
 
 
 def produce(ledger: Ledger, mode: str, consumers: Iterable[str], payloads: Iterable[bytes], **kw: Any) -> int:
     return ledger.produce(production(mode, consumers, payloads, **kw))
 
 
-def request(
-    mode: str, consumers: Iterable[str], *, output: Output = EXTRACT, generation: int = 1, limit: int = 100
-) -> ClaimRequest:
-    return ClaimRequest(output, generation, mode, tuple(slot(c) for c in consumers), limit)
-
-
 def claim(ledger: Ledger, claimant: Claimant, *requests: ClaimRequest) -> ClaimResult:
     return ledger.claim(claimant, list(requests))
 
 
-def payloads_of(result: ClaimResult) -> list[bytes | None]:
+def payloads_of(result: ClaimResult) -> list[Stored]:
     return [p for c in result.claims for p in c.payloads]
-
-
-def rows(ledger: Ledger) -> dict[int, dict[str, Any]]:
-    """Every row by id, payload included (``Ledger.items`` leaves payloads out)."""
-    with ledger.engine.connect() as conn:
-        return {r.id: dict(r._mapping) for r in conn.execute(sa.select(item).order_by(item.c.id))}
 
 
 def state_of(ledger: Ledger, ids: Iterable[int]) -> list[str]:
@@ -170,7 +129,7 @@ def test_each_every_consumer_reads_once(ledger: Ledger) -> None:
     # Consume-once: a second read, by the same try or a later one, says who read it and when.
     consumed_at = rows(ledger)[load.ids[0]]["consumed_at"]
     for claimant in (who("load"), who("load", try_number=2)):
-        text = raises(AlreadyConsumedError, lambda c=claimant: claim(ledger, c, req), "load")
+        text = raises(AlreadyConsumedError, partial(claim, ledger, claimant, req), "load")
         assert f"already consumed by {DAG}/{RUN}/load try 1 at {consumed_at}" in text
     assert ledger.counts() == {CONSUMED: 2}
 
@@ -238,9 +197,7 @@ def test_only_named_consumers_may_claim(ledger: Ledger) -> None:
     produce(ledger, ITEMS, ["load"], [b"a", b"b"], output=TRANSFORM)
     for output, mode in ((OTHER, ONE), (TRANSFORM, ITEMS)):
         forged = request(mode, ["load", "intruder"], output=output)
-        text = raises(
-            NotAuthorizedError, lambda r=forged: claim(ledger, who("intruder"), r), "intruder", output.task_id
-        )
+        text = raises(NotAuthorizedError, partial(claim, ledger, who("intruder"), forged), "intruder", output.task_id)
         assert f"allowed: {slot('load')}" in text
 
     # The same task id in another DAG is another consumer.
@@ -613,7 +570,7 @@ def test_ten_thousand_items_produce_and_drain(ledger: Ledger) -> None:
     assert produce(ledger, ITEMS, ["load", "audit"], (str(i).encode() for i in range(n))) == n
     assert ledger.counts() == {READY: n}
     req = request(ITEMS, ["load", "audit"], limit=1000)
-    seen: list[bytes | None] = []
+    seen: list[Stored] = []
     for turn in range(100):
         claimant = who(("load", "audit")[turn % 2])
         got = claim(ledger, claimant, req)
@@ -637,11 +594,11 @@ def test_racing_claimants_never_share_an_item(ledger: Ledger) -> None:
     produce(ledger, ITEMS, ["load"], (str(i).encode() for i in range(n)), output=OTHER)
     items = request(ITEMS, ["load"], output=OTHER, limit=20)
 
-    def drain(i: int) -> list[bytes | None]:
+    def drain(i: int) -> list[bytes]:
         me = who("load", map_index=i)
-        mine: list[bytes | None] = []
+        mine: list[bytes] = []
         while (got := claim(ledger, me, items)).ids:
-            mine.extend(payloads_of(got))
+            mine.extend(inline(p) for p in payloads_of(got))
             ledger.finish(me, got.ids)
         return mine
 

@@ -12,6 +12,7 @@ import pytest
 from benchmarks.memory import MB, measure
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])
 def test_a_big_offloaded_payload_needs_at_most_about_twice_its_size(encrypt: bool) -> None:
     produce, consume = measure(64 * MB, encrypt)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import create_database, drop_database
 
 from exclusive_xcom import config
 from exclusive_xcom.errors import LedgerUnavailableError
@@ -28,6 +27,8 @@ from exclusive_xcom.ledger import (
 )
 from exclusive_xcom.ledger.engine import _engines
 from exclusive_xcom.ledger.schema import MIGRATIONS, SCHEMA_VERSION, item, meta
+from tests.conftest import drop_ledger_database, new_ledger_database
+from tests.integration.conftest import text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +40,7 @@ REQUEST = ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=5)
 MIGRATORS = 8
 
 
-def _indexes(engine: sa.Engine) -> set[str]:
+def _indexes(engine: sa.Engine) -> set[str | None]:
     # A new connection: an SQLite connection's PRAGMA index_list does not see indexes
     # created by another connection after it first read the schema.
     fresh = sa.create_engine(engine.url, poolclass=sa.NullPool)
@@ -153,7 +154,7 @@ def test_a_version_1_ledger_is_upgraded_in_place_keeping_its_rows(ledger_url: st
     ledger.finish(holder, held)
     other = Claimant(DAG, RUN, "drain", map_index=1)
     rest = ledger.claim(other, [ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=100)]).claims[0]
-    assert [p.decode() for p in rest.payloads] == [f"v-{i}" for i in range(5, 12)]
+    assert [text(p) for p in rest.payloads] == [f"v-{i}" for i in range(5, 12)]
     ledger.finish(other, rest.ids)
     assert ledger.counts() == {"consumed": 12}
 
@@ -218,7 +219,7 @@ def test_concurrent_migrators_all_succeed_and_agree(backend: str, tmp_path: Path
     # Several rounds, each on a new database: the interleavings differ from round to round.
     for round_ in range(3):
         (tmp_path / f"r{round_}").mkdir()
-        url = create_database(backend, tmp_path / f"r{round_}")
+        url = new_ledger_database(backend, tmp_path / f"r{round_}")
         try:
             engine = create_engine(url)
             secret = None
@@ -240,7 +241,7 @@ def test_concurrent_migrators_all_succeed_and_agree(backend: str, tmp_path: Path
             assert len(ledger.claim(Claimant(DAG, RUN, "drain"), [REQUEST]).ids) == 4
             engine.dispose()
         finally:
-            drop_database(backend, url)
+            drop_ledger_database(url)
 
 
 # -- the configured ledger -------------------------------------------------------------------

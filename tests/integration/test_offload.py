@@ -6,94 +6,47 @@ and every blob is reported as unneeded exactly when no row needs it any more.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import FakeClock
 
 from exclusive_xcom import maintenance
-from exclusive_xcom.crypto import keyring_from
 from exclusive_xcom.errors import ClaimConflictError, PayloadError
 from exclusive_xcom.ledger import (
     EACH,
     ITEMS,
     ONE,
-    Claimant,
-    ClaimRequest,
     Ledger,
     Offloaded,
-    Output,
-    Production,
-    consumer_slot,
 )
 from exclusive_xcom.ledger.schema import CONSUMED, READY, item
 from exclusive_xcom.payload import MAGIC, Codec
 from exclusive_xcom.storage import BlobStore
+from tests.conftest import FakeClock
+from tests.integration.conftest import (
+    DAG,
+    EXTRACT,
+    OTHER,
+    RUN,
+    THRESHOLD,
+    files,
+    production,
+    request,
+    rows,
+    who,
+)
 
-DAG, RUN = "offload", "manual__2024-05-01T00:00:00+00:00"
-EXTRACT = Output(DAG, RUN, "extract")
-OTHER = Output(DAG, RUN, "other")
-THRESHOLD = 1000
 FOLDER = f"{DAG}/{RUN}/extract"
-
-
-@pytest.fixture
-def ledger(engine: sa.Engine, clock: FakeClock) -> Ledger:
-    ledger = Ledger(engine, lease_seconds=60, clock=clock)
-    ledger.migrate()
-    return ledger
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> BlobStore:
-    return BlobStore(f"file://{tmp_path}/blobs")
-
-
-@pytest.fixture
-def codec(store: BlobStore) -> Codec:
-    return Codec(keyring_from("test-key", ""), THRESHOLD, store)
 
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def slot(task_id: str) -> str:
-    return consumer_slot(DAG, task_id)
-
-
-def who(task_id: str, try_number: int = 1, map_index: int = -1) -> Claimant:
-    return Claimant(DAG, RUN, task_id, map_index, try_number)
-
-
 def big(tag: str, size: int = 5 * THRESHOLD) -> dict[str, Any]:
     return {"tag": tag, "rows": [f"{tag}-{i}" for i in range(size // 8)]}
-
-
-def make(
-    mode: str, consumers: Iterable[str], payloads: list[Any], *, output: Output = EXTRACT, generation: int = 1
-) -> Production:
-    return Production(output, generation, mode, tuple(slot(c) for c in consumers), payloads)
-
-
-def ask(
-    mode: str, consumers: Iterable[str], *, output: Output = EXTRACT, generation: int = 1, limit: int = 100
-) -> ClaimRequest:
-    return ClaimRequest(output, generation, mode, tuple(slot(c) for c in consumers), limit)
-
-
-def rows(ledger: Ledger) -> list[dict[str, Any]]:
-    with ledger.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(sa.select(item).order_by(item.c.id))]
-
-
-def files(store: BlobStore) -> set[str]:
-    """Every blob in the store, as the URIs the ledger holds."""
-    root = Path(store.uri.removeprefix("file://"))
-    return {f"file://{p}" for p in root.rglob("*.blob")} if root.exists() else set()
 
 
 def encode(codec: Codec, value: Any) -> bytes | Offloaded:
@@ -119,13 +72,13 @@ def test_big_payload_leaves_only_its_uri_in_the_ledger_and_its_blob_goes_after_c
     assert on_disk.startswith(MAGIC) and b"one-1" not in on_disk  # encrypted at rest
     assert blob.size == len(on_disk) and blob.sha256 == hashlib.sha256(on_disk).hexdigest()
 
-    assert ledger.produce(make(ONE, ["load"], [blob])) == 1
-    (row,) = rows(ledger)
+    assert ledger.produce(production(ONE, ["load"], [blob])) == 1
+    (row,) = list(rows(ledger).values())
     assert row["payload"] is None
     assert (row["payload_uri"], row["payload_size"], row["payload_sha256"]) == (blob.uri, blob.size, blob.sha256)
     assert ledger.stats()["offloaded_bytes"] == blob.size
 
-    got = ledger.claim(who("load"), [ask(ONE, ["load"])])
+    got = ledger.claim(who("load"), [request(ONE, ["load"])])
     (claimed,) = got.claims
     assert claimed.payloads == [blob] and claimed.uris == [blob.uri]
     assert codec.decode(claimed.payloads[0]) == value
@@ -134,7 +87,7 @@ def test_big_payload_leaves_only_its_uri_in_the_ledger_and_its_blob_goes_after_c
     assert unneeded == [blob.uri]
     assert store.delete(unneeded) == 1
     assert files(store) == set()
-    (row,) = rows(ledger)
+    (row,) = list(rows(ledger).values())
     assert row["state"] == CONSUMED and row["payload"] is None
     with pytest.raises(PayloadError, match="is missing"):
         codec.decode(blob)
@@ -143,17 +96,17 @@ def test_big_payload_leaves_only_its_uri_in_the_ledger_and_its_blob_goes_after_c
 def test_a_corrupted_or_misrecorded_blob_is_refused_on_claim(ledger: Ledger, codec: Codec) -> None:
     value = big("bad")
     blob = offload(codec, value)
-    ledger.produce(make(ONE, ["load"], [blob]))
+    ledger.produce(production(ONE, ["load"], [blob]))
     # The digest the reader checks is the one the ledger recorded, not one beside the blob.
     with ledger.engine.begin() as conn:
         conn.execute(sa.update(item).values(payload_sha256="0" * 64))
-    got = ledger.claim(who("load"), [ask(ONE, ["load"])])
+    got = ledger.claim(who("load"), [request(ONE, ["load"])])
     with pytest.raises(PayloadError, match="checksum mismatch"):
         codec.decode(got.claims[0].payloads[0])
     assert ledger.release(who("load"), got.ids) == 1
     with ledger.engine.begin() as conn:
         conn.execute(sa.update(item).values(payload_sha256=blob.sha256))
-    got = ledger.claim(who("load"), [ask(ONE, ["load"])])
+    got = ledger.claim(who("load"), [request(ONE, ["load"])])
     assert codec.decode(got.claims[0].payloads[0]) == value
 
 
@@ -162,10 +115,10 @@ def test_mode_each_shares_one_blob_freed_only_after_the_last_consumer(
 ) -> None:
     value = big("shared")
     blob = offload(codec, value)
-    assert ledger.produce(make(EACH, ["load", "audit", "report"], [blob])) == 3
-    assert {r["payload_uri"] for r in rows(ledger)} == {blob.uri} and files(store) == {blob.uri}
+    assert ledger.produce(production(EACH, ["load", "audit", "report"], [blob])) == 3
+    assert {r["payload_uri"] for r in list(rows(ledger).values())} == {blob.uri} and files(store) == {blob.uri}
 
-    req = ask(EACH, ["load", "audit", "report"])
+    req = request(EACH, ["load", "audit", "report"])
     load = ledger.claim(who("load"), [req])
     audit = ledger.claim(who("audit"), [req])
     assert codec.decode(load.claims[0].payloads[0]) == value
@@ -191,8 +144,8 @@ def test_items_mix_small_and_big_elements(ledger: Ledger, codec: Codec, store: B
     blobs = [s.uri for s in stored if isinstance(s, Offloaded)]
     assert len(blobs) == 4 and sum(isinstance(s, bytes) for s in stored) == 8
     assert all(isinstance(s, bytes) and s.startswith(MAGIC) for s in stored if not isinstance(s, Offloaded))
-    assert ledger.produce(make(ITEMS, ["load"], stored)) == 12
-    by_seq = {r["seq"]: r for r in rows(ledger)}
+    assert ledger.produce(production(ITEMS, ["load"], stored)) == 12
+    by_seq = {r["seq"]: r for r in list(rows(ledger).values())}
     for seq, s in enumerate(stored):
         expected = (None, s.uri) if isinstance(s, Offloaded) else (s, None)
         assert (by_seq[seq]["payload"], by_seq[seq]["payload_uri"]) == expected
@@ -201,7 +154,7 @@ def test_items_mix_small_and_big_elements(ledger: Ledger, codec: Codec, store: B
     freed: list[str] = []
     for map_index in range(3):  # three mapped consumers, a batch of 5, 5 and 2 each
         me = who("load", map_index=map_index)
-        got = ledger.claim(me, [ask(ITEMS, ["load"], limit=5)])
+        got = ledger.claim(me, [request(ITEMS, ["load"], limit=5)])
         (claimed,) = got.claims
         seen.extend(codec.decode(p) for p in claimed.payloads)
         unneeded = ledger.finish(me, got.ids, blobs=claimed.uris)
@@ -222,15 +175,15 @@ def test_keep_consumed_payloads_keeps_the_blob_until_purge(
     blob = offload(codec, value)
     small = encode(codec, {"small": True})
     assert isinstance(small, bytes)
-    ledger.produce(make(ONE, ["load"], [blob]))
-    ledger.produce(make(ONE, ["load"], [small], output=OTHER))
+    ledger.produce(production(ONE, ["load"], [blob]))
+    ledger.produce(production(ONE, ["load"], [small], output=OTHER))
 
-    got = ledger.claim(who("load"), [ask(ONE, ["load"]), ask(ONE, ["load"], output=OTHER)])
+    got = ledger.claim(who("load"), [request(ONE, ["load"]), request(ONE, ["load"], output=OTHER)])
     uris = [u for c in got.claims for u in c.uris]
     assert uris == [blob.uri]
     assert ledger.finish(who("load"), got.ids, blobs=uris) == []
     assert files(store) == {blob.uri}
-    kept = {r["task_id"]: r for r in rows(ledger)}
+    kept = {r["task_id"]: r for r in list(rows(ledger).values())}
     assert kept["extract"]["state"] == CONSUMED and kept["extract"]["payload_uri"] == blob.uri
     assert kept["other"]["payload"] == small  # inline payloads are kept as well
     assert codec.decode(Offloaded(blob.uri, blob.size, blob.sha256)) == value
@@ -243,15 +196,15 @@ def test_keep_consumed_payloads_keeps_the_blob_until_purge(
     clock.advance(3601)
     report = maintenance.purge(ledger, codec, timedelta(hours=2))
     assert (report.rows, report.blobs, report.orphans) == (2, 1, 0)
-    assert rows(ledger) == [] and files(store) == set()
+    assert list(rows(ledger).values()) == [] and files(store) == set()
 
 
 def test_a_re_produced_output_frees_the_replaced_generations_blob(
     ledger: Ledger, codec: Codec, store: BlobStore
 ) -> None:
     first = offload(codec, big("gen1"))
-    ledger.produce(make(EACH, ["load", "audit"], [first]))
-    req1 = ask(EACH, ["load", "audit"])
+    ledger.produce(production(EACH, ["load", "audit"], [first]))
+    req1 = request(EACH, ["load", "audit"])
     load = ledger.claim(who("load"), [req1])
     assert ledger.finish(who("load"), load.ids, blobs=load.claims[0].uris) == []  # audit still needs it
 
@@ -259,14 +212,14 @@ def test_a_re_produced_output_frees_the_replaced_generations_blob(
     # unread row of generation 1, so nothing needs the first blob any more.
     second = offload(codec, big("gen2"))
     producer = who("extract", try_number=2)
-    unneeded = ledger.finish(producer, [], productions=[make(EACH, ["load", "audit"], [second], generation=2)])
+    unneeded = ledger.finish(producer, [], productions=[production(EACH, ["load", "audit"], [second], generation=2)])
     assert unneeded == [first.uri]
     store.delete(unneeded)
     assert files(store) == {second.uri}
 
     with pytest.raises(PayloadError, match="no ledger item matches this handle"):
         ledger.claim(who("audit"), [req1])
-    got = ledger.claim(who("audit"), [ask(EACH, ["load", "audit"], generation=2)])
+    got = ledger.claim(who("audit"), [request(EACH, ["load", "audit"], generation=2)])
     assert codec.decode(got.claims[0].payloads[0]) == big("gen2")
     assert ledger.finish(who("audit"), got.ids, blobs=got.claims[0].uris) == []  # load's gen-2 slot remains
     assert files(store) == {second.uri}
@@ -274,24 +227,24 @@ def test_a_re_produced_output_frees_the_replaced_generations_blob(
 
 def test_forget_deletes_one_generation_and_returns_its_blob(ledger: Ledger, codec: Codec, store: BlobStore) -> None:
     mine, other = offload(codec, big("mine")), offload(codec, big("other"))
-    ledger.produce(make(EACH, ["load", "audit"], [mine]))
-    ledger.produce(make(EACH, ["load", "audit"], [other], output=OTHER))
-    req = ask(EACH, ["load", "audit"])
+    ledger.produce(production(EACH, ["load", "audit"], [mine]))
+    ledger.produce(production(EACH, ["load", "audit"], [other], output=OTHER))
+    req = request(EACH, ["load", "audit"])
     load = ledger.claim(who("load"), [req])
     ledger.finish(who("load"), load.ids, blobs=load.claims[0].uris)
     audit = ledger.claim(who("audit"), [req])  # in flight when Airflow purges the handle
 
     assert ledger.forget(EXTRACT, 2) == []  # another generation: nothing to do
-    assert len(rows(ledger)) == 4
+    assert len(list(rows(ledger).values())) == 4
     unneeded = ledger.forget(EXTRACT, 1)
     assert unneeded == [mine.uri]
     store.delete(unneeded)
     assert files(store) == {other.uri}
-    left = rows(ledger)
+    left = list(rows(ledger).values())
     assert {r["task_id"] for r in left} == {"other"} and {r["state"] for r in left} == {READY}
     assert {r["payload_uri"] for r in left} == {other.uri}
 
     with pytest.raises(ClaimConflictError, match="replaced by a newer run of the producer, or purged"):
         ledger.finish(who("audit"), audit.ids, blobs=audit.claims[0].uris)
-    got = ledger.claim(who("audit"), [ask(EACH, ["load", "audit"], output=OTHER)])
+    got = ledger.claim(who("audit"), [request(EACH, ["load", "audit"], output=OTHER)])
     assert codec.decode(got.claims[0].payloads[0]) == big("other")

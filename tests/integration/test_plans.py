@@ -182,9 +182,9 @@ def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
     # Where partial indexes exist, pool claims read the claimable one (no consumed rows in it)
     # and nothing else: a bitmap AND with another index read and sorted a whole pool per claim.
     if engine.dialect.name in ("postgresql", "sqlite"):
-        pool = ["lock_ready", "lock_reclaimable", "lock_own_earlier"]
-        pool += ["claim_ready_now", "claim_slot_now"] if engine.dialect.name == "postgresql" else []
-        for name in pool:
+        pool_claims = ["lock_ready", "lock_reclaimable", "lock_own_earlier"]
+        pool_claims += ["claim_ready_now", "claim_slot_now"] if engine.dialect.name == "postgresql" else []
+        for name in pool_claims:
             indexes = set(
                 re.findall(r"\b(ix_exclusive_xcom_\w+|uq_exclusive_xcom_\w+|exclusive_xcom_item_pkey)", plans[name])
             )

@@ -31,6 +31,7 @@ from exclusive_xcom.ledger import (
     consumer_slot,
     create_engine,
 )
+from tests.integration.conftest import text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,7 +72,7 @@ def _drain_items(url: str, index: int, barrier: Any) -> dict[str, Any]:
         batches += 1
         time.sleep(WORK_SECONDS)
         ledger.finish(claimant, claimed.ids)
-        consumed.extend((i, p.decode()) for i, p in zip(claimed.ids, claimed.payloads, strict=True))
+        consumed.extend((i, text(p)) for i, p in zip(claimed.ids, claimed.payloads, strict=True))
     ledger.engine.dispose()
     return {"consumed": consumed, "batches": batches, "seconds": time.monotonic() - started}
 
@@ -94,7 +95,7 @@ def _compete_for_one(url: str, index: int, barrier: Any) -> dict[str, Any]:
         assert len(claimed.ids) == 1, claimed.ids
         time.sleep(WORK_SECONDS)
         ledger.finish(claimant, claimed.ids)
-        won[n] = claimed.payloads[0].decode()
+        won[n] = text(claimed.payloads[0])
     ledger.engine.dispose()
     return {"won": won, "lost": lost, "seconds": time.monotonic() - started}
 
@@ -112,7 +113,7 @@ def _read_each(url: str, index: int, barrier: Any) -> dict[str, Any]:
         (claimed,) = result.claims
         assert len(claimed.ids) == 1, claimed.ids
         ledger.finish(claimant, claimed.ids)
-        read[n] = claimed.payloads[0].decode()
+        read[n] = text(claimed.payloads[0])
     second: dict[int, str] = {}
     for n in range(EACH_OUTPUTS):
         for again in (claimant, Claimant(DAG, RUN, f"c{index}", try_number=2)):

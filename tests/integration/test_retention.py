@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import FakeClock
 
 from exclusive_xcom import maintenance
 from exclusive_xcom.cli import main
@@ -30,31 +29,16 @@ from exclusive_xcom.ledger import (
     ClaimRequest,
     Ledger,
     Offloaded,
-    Output,
-    Production,
-    consumer_slot,
     create_engine,
 )
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
 from exclusive_xcom.payload import MAGIC, Codec
 from exclusive_xcom.storage import BlobStore
+from tests.conftest import FakeClock
+from tests.integration.conftest import DAG, RUN, THRESHOLD, files, output, production, request, rows, slot, who
 
-DAG, RUN = "retention", "manual__2024-05-01T00:00:00+00:00"
-THRESHOLD = 1000
 LEASE = 60.0
 HOUR = 3600.0
-
-
-@pytest.fixture
-def ledger(engine: sa.Engine, clock: FakeClock) -> Ledger:
-    ledger = Ledger(engine, lease_seconds=LEASE, clock=clock)
-    ledger.migrate()
-    return ledger
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> BlobStore:
-    return BlobStore(f"file://{tmp_path}/blobs")
 
 
 def codec_for(secret: str, store: BlobStore) -> Codec:
@@ -69,18 +53,6 @@ def codec(store: BlobStore) -> Codec:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def out(task_id: str) -> Output:
-    return Output(DAG, RUN, task_id)
-
-
-def slot(task_id: str) -> str:
-    return consumer_slot(DAG, task_id)
-
-
-def who(task_id: str, try_number: int = 1, map_index: int = -1) -> Claimant:
-    return Claimant(DAG, RUN, task_id, map_index, try_number)
-
-
 def big(tag: str) -> dict[str, Any]:
     return {"tag": tag, "rows": [f"{tag}-{i}" for i in range(800)]}
 
@@ -88,11 +60,11 @@ def big(tag: str) -> dict[str, Any]:
 def produce(
     ledger: Ledger, task_id: str, mode: str, consumers: Iterable[str], payloads: list[bytes | Offloaded]
 ) -> None:
-    ledger.produce(Production(out(task_id), 1, mode, tuple(slot(c) for c in consumers), payloads))
+    ledger.produce(production(mode, consumers, payloads, output=output(task_id)))
 
 
 def ask(task_id: str, mode: str, consumers: Iterable[str], limit: int = 100) -> ClaimRequest:
-    return ClaimRequest(out(task_id), 1, mode, tuple(slot(c) for c in consumers), limit)
+    return request(mode, consumers, output=output(task_id), limit=limit)
 
 
 def take(ledger: Ledger, claimant: Claimant, *requests: ClaimRequest) -> list[int]:
@@ -111,16 +83,6 @@ def offload(codec: Codec, value: Any) -> Offloaded:
     stored = codec.encode(value, f"{DAG}/{RUN}")
     assert isinstance(stored, Offloaded)
     return stored
-
-
-def rows(engine: sa.Engine) -> dict[int, dict[str, Any]]:
-    with engine.connect() as conn:
-        return {r.id: dict(r._mapping) for r in conn.execute(sa.select(item).order_by(item.c.id))}
-
-
-def files(store: BlobStore) -> set[str]:
-    root = Path(store.uri.removeprefix("file://"))
-    return {f"file://{p}" for p in root.rglob("*.blob")} if root.exists() else set()
 
 
 def referenced(engine: sa.Engine) -> set[str]:
@@ -513,7 +475,7 @@ def bulk_consumed(engine: sa.Engine, count: int, consumed_at: datetime) -> None:
         f"FROM (SELECT {number} AS n FROM {source}) nums WHERE n < :count ORDER BY n"
     ).bindparams(
         sa.bindparam("at", consumed_at, type_=item.c.created_at.type),
-        output_id=out("bulk").output_id,
+        output_id=output("bulk").output_id,
         dag=DAG,
         run=RUN,
         count=count,
@@ -533,6 +495,7 @@ _SORTED_OR_SCANNED = {
 }
 
 
+@pytest.mark.slow
 def test_purging_a_million_rows_goes_in_bounded_batches_beside_live_claims(
     backend: str, ledger: Ledger, clock: FakeClock, store: BlobStore, codec: Codec
 ) -> None:

@@ -54,6 +54,7 @@ from exclusive_xcom.ledger import (
     create_engine,
 )
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT
+from tests.conftest import FakeClock
 
 DAG = "state_machine"
 LEASE = 10.0
@@ -70,16 +71,6 @@ INPUTS = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True)  
 Owner = tuple[int, int]  # (consumer index, try number)
 
 
-class FakeClock:
-    """Epoch seconds that move only when a step says so."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.25
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Item:
     """The model's account of one ledger row."""
@@ -92,6 +83,18 @@ class Item:
     state: str = READY
     owner: Owner | None = None
     lease: float | None = None
+
+    @property
+    def holder(self) -> Owner:
+        """A claimed row's owner: the model sets one with every claim."""
+        assert self.owner is not None, self
+        return self.owner
+
+    @property
+    def expires(self) -> float:
+        """A claimed row's lease expiry: the model sets one with every claim."""
+        assert self.lease is not None, self
+        return self.lease
 
 
 # What an operation did: ("ok", ids) | ("lost", ()) | ("raise", error class).
@@ -177,8 +180,8 @@ def machine_for(ledger: Ledger, clock: FakeClock) -> type[RuleBasedStateMachine]
                     pool = {i: it for i, it in self.items.items() if it.output == name and it.generation == gen}
                     if OUTPUTS[name] == ITEMS:
                         live = sorted((i for i, it in pool.items() if it.state != CONSUMED), key=lambda i: pool[i].seq)
-                        mine = [i for i in live if pool[i].state == CLAIMED and pool[i].owner[0] == ci]
-                        own = [i for i in mine if pool[i].owner[1] < t][:limit] if t > 1 else []  # a retry's first
+                        mine = [i for i in live if pool[i].state == CLAIMED and pool[i].holder[0] == ci]
+                        own = [i for i in mine if pool[i].holder[1] < t][:limit] if t > 1 else []  # a retry's first
                         ready = [i for i in live if pool[i].state == READY]  # ready rows first, then takeovers
                         rest = ready + [
                             i
@@ -186,8 +189,8 @@ def machine_for(ledger: Ledger, clock: FakeClock) -> type[RuleBasedStateMachine]
                             if i not in own
                             and pool[i].state == CLAIMED
                             and (
-                                (pool[i].lease < now and tuple(pool[i].owner[:2]) != (ci, t))  # never its own twice
-                                or (pool[i].owner[0] == ci and pool[i].owner[1] < t)
+                                (pool[i].expires < now and tuple(pool[i].holder[:2]) != (ci, t))  # never its own twice
+                                or (pool[i].holder[0] == ci and pool[i].holder[1] < t)
                             )
                         ]
                         for i in own + rest[: limit - len(own)]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import SERVERS, kill_session, require_server, server_sessions
 
 from exclusive_xcom import config
 from exclusive_xcom.errors import ExclusiveXComError, LedgerUnavailableError
@@ -26,6 +25,9 @@ from exclusive_xcom.ledger import (
     consumer_slot,
     create_engine,
 )
+from tests.conftest import require_server
+from tests.integration.conftest import kill_session, server_sessions, text
+from tests.support import SERVERS, admin_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -117,10 +119,6 @@ def test_get_ledger_on_an_unreachable_server_is_ledger_unavailable(
 # -- outages in the middle of a ledger's life -------------------------------------------------
 
 
-def _admin(url: str) -> sa.Engine:
-    return sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-
-
 def _wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -150,9 +148,9 @@ def test_killed_idle_connections_lose_nothing(backend: str, server_ledger: tuple
     ledger, database = server_ledger
     assert ledger.produce(_production(6)) == 6
     held = ledger.claim(WORKER, [_request(limit=4)]).claims[0]
-    assert [p.decode() for p in held.payloads] == ["p-0", "p-1", "p-2", "p-3"]
+    assert [text(p) for p in held.payloads] == ["p-0", "p-1", "p-2", "p-3"]
 
-    admin = _admin(SERVERS[backend])
+    admin = admin_engine(SERVERS[backend])
     with admin.connect() as conn:
         victims = server_sessions(conn, backend, database)
         assert victims, "the ledger's pool should hold an idle connection"
@@ -171,7 +169,7 @@ def test_killed_idle_connections_lose_nothing(backend: str, server_ledger: tuple
         ledger.finish(WORKER, held.ids)
     assert ledger.counts() == {"consumed": 4, "ready": 2}
     rest = ledger.claim(Claimant(DAG, RUN, "drain", map_index=1), [_request()]).claims[0]
-    assert [p.decode() for p in rest.payloads] == ["p-4", "p-5"]
+    assert [text(p) for p in rest.payloads] == ["p-4", "p-5"]
 
 
 @pytest.mark.parametrize("backend", ["postgres", "mysql"])
@@ -186,8 +184,8 @@ def test_a_connection_killed_in_the_middle_of_a_claim_claims_nothing(
     one_consumers = tuple(consumer_slot(DAG, f"c{i}") for i in range(2))
     ledger.produce(Production(one, 1, ONE, one_consumers, [b"only-one"]))
 
-    admin = _admin(SERVERS[backend])
-    blocker = _admin(ledger.engine.url.render_as_string(hide_password=False)).connect()
+    admin = admin_engine(SERVERS[backend])
+    blocker = admin_engine(ledger.engine.url.render_as_string(hide_password=False)).connect()
     outcome: dict[str, Any] = {}
 
     def claim() -> None:
@@ -229,7 +227,7 @@ def test_a_connection_killed_in_the_middle_of_a_claim_claims_nothing(
     # Nothing was claimed; the same pool recovers and everything is still there to take.
     assert ledger.counts() == {"ready": 6}
     got = ledger.claim(WORKER, [_request()]).claims[0]
-    assert [p.decode() for p in got.payloads] == [f"p-{i}" for i in range(5)]
+    assert [text(p) for p in got.payloads] == [f"p-{i}" for i in range(5)]
     ledger.finish(WORKER, got.ids)
     winner = Claimant(DAG, RUN, "c0")
     won = ledger.claim(winner, [ClaimRequest(one, 1, ONE, one_consumers)])

@@ -40,9 +40,11 @@ from typing import Any
 import psutil
 import pytest
 import sqlalchemy as sa
-from conftest import create_database, drop_database
 
-pytestmark = [pytest.mark.scheduler, pytest.mark.timeout(420)]
+from tests.conftest import require_server
+from tests.support import SERVERS, airflow_env, throwaway_database
+
+pytestmark = pytest.mark.timeout(420)
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO / "example_dags" / "exclusive_parallel_queue.py"
@@ -86,15 +88,14 @@ class Deployment:
         self.port = _free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         url = sa.make_url(metadata_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        env.update(
-            AIRFLOW_HOME=str(home),
+        self.env = airflow_env(
+            home,
+            self.dags,
+            ledger_url,
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url.render_as_string(hide_password=False),
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=url.set(drivername="postgresql+psycopg_async").render_as_string(
                 hide_password=False
             ),
-            AIRFLOW__CORE__DAGS_FOLDER=str(self.dags),
-            AIRFLOW__CORE__LOAD_EXAMPLES="False",
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM=str(PARALLELISM),
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{self.port}/execution/",
@@ -107,12 +108,11 @@ class Deployment:
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
             AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
             AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
-            AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN=ledger_url,
-            AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH=f"file://{home / 'offload'}",
+            # its own log-server port, so two deployments (parallel test workers) never collide
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port()),
             EXCLUSIVE_PARALLEL_QUEUE_ORDERS=str(ORDERS),
             PYTHONUNBUFFERED="1",
         )
-        self.env = env
 
     # -- processes ------------------------------------------------------------------------
 
@@ -239,13 +239,11 @@ def _scalar(engine: sa.Engine, sql: str, **params: Any) -> Any:
 
 
 @pytest.fixture
-def metadata_url(tmp_path: Path) -> Iterator[str]:
+def metadata_url() -> Iterator[str]:
     """A fresh PostgreSQL database for Airflow's metadata, dropped afterwards."""
-    url = create_database("postgres", tmp_path)
-    try:
+    require_server("postgres")
+    with throwaway_database(SERVERS["postgres"], prefix="meta") as url:
         yield url
-    finally:
-        drop_database("postgres", url)
 
 
 @pytest.fixture
