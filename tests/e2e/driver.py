@@ -1,24 +1,36 @@
 """Subprocess driver: import DAG files, run ``dag.test()`` for each requested run, report.
 
 Run by :mod:`harness` with ``sys.executable driver.py <spec.json>`` inside a prepared
-``AIRFLOW_HOME``. It is not task code, so it reads the metadata DB directly to report what
-happened: run states, every task instance and every XCom row of each run, and all DAG runs
-(including those a ``TriggerDagRunOperator`` created). The report is one JSON line after
-:data:`RESULT_MARKER`; each run's log is framed by marker lines so a test can read it alone.
+``AIRFLOW_HOME``. One process serves many runs (starting Airflow costs seconds, a run
+costs a fraction of one): each run may carry ``env``, the environment its tasks read
+while it goes on (its own ledger database, its own offload folder, a secret key), which
+is put in place before the run and taken back after it. Settings Airflow reads once per
+process (``[core] xcom_backend``, metrics) belong to the process's own environment.
+
+It is not task code, so it reads the metadata DB directly to report what happened: run
+states, every task instance and every XCom row of each run, and all DAG runs (including
+those a ``TriggerDagRunOperator`` created); with ``"snapshot": true`` also every row of
+the run's ledger right after it. A run that raises is reported with its traceback and
+the next one goes on. The report is one JSON line after :data:`RESULT_MARKER`; each
+run's log is framed by marker lines so a test can read it alone.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 RESULT_MARKER = "E2E-RESULT "
 RUN_START = "=== E2E RUN {} START ==="
 RUN_END = "=== E2E RUN {} END ==="
+LEDGER_URL = "AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN"
 
 
 def _jsonable(value: Any) -> Any:
@@ -38,14 +50,29 @@ def load_dags(files: list[str]) -> dict[str, Any]:
     return dags
 
 
+@contextmanager
+def environment(changes: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` applied, as it was again afterwards."""
+    before = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def triggered_conf(dag_id: str) -> dict[str, Any]:
     """The conf of the newest run of ``dag_id`` that was not started by ``dag.test()``."""
-    from airflow import settings
     from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
     from airflow.utils.types import DagRunTriggeredByType
     from sqlalchemy import select
 
-    with settings.Session() as session:
+    with create_session() as session:
         runs = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc())).all()
         for run in runs:
             if run.triggered_by != DagRunTriggeredByType.TEST:
@@ -54,13 +81,13 @@ def triggered_conf(dag_id: str) -> dict[str, Any]:
 
 
 def describe_run(dag_id: str, run_id: str) -> dict[str, Any]:
-    from airflow import settings
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    with settings.Session() as session:
+    with create_session() as session:
         run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).one()
         tis = session.scalars(
             select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
@@ -88,12 +115,28 @@ def describe_run(dag_id: str, run_id: str) -> dict[str, Any]:
         }
 
 
+def ledger_snapshot() -> list[dict[str, Any]]:
+    """Every row of the item table of the ledger now configured, in insertion order.
+
+    A payload is reported by its length only: this report is printed, and tests check that
+    no payload ever reaches the output."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(os.environ[LEDGER_URL], poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM exclusive_xcom_item ORDER BY id")).mappings().all()
+            return [_jsonable({**r, "payload": None if r["payload"] is None else len(r["payload"])}) for r in rows]
+    finally:
+        engine.dispose()
+
+
 def all_dag_runs() -> list[dict[str, Any]]:
-    from airflow import settings
     from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    with settings.Session() as session:
+    with create_session() as session:
         return [
             {
                 "dag_id": r.dag_id,
@@ -107,12 +150,10 @@ def all_dag_runs() -> list[dict[str, Any]]:
         ]
 
 
-def main(spec_file: str) -> int:
-    spec = json.loads(Path(spec_file).read_text())
-    dags = load_dags(spec["files"])
-    report: dict[str, Any] = {"runs": [], "error": None}
-    try:
-        for number, run in enumerate(spec["runs"]):
+def run_one(dags: dict[str, Any], number: int, run: dict[str, Any]) -> dict[str, Any]:
+    """``dag.test()`` of one requested run in its environment; what happened, or why it raised."""
+    with environment(run.get("env", {})):
+        try:
             conf = run.get("conf")
             if run.get("conf_from_triggered"):
                 conf = triggered_conf(run["conf_from_triggered"])
@@ -121,7 +162,20 @@ def main(spec_file: str) -> int:
                 dag_run = dags[run["dag_id"]].test(run_conf=conf)
             finally:
                 print(RUN_END.format(number), flush=True)
-            report["runs"].append(describe_run(dag_run.dag_id, dag_run.run_id))
+            report = describe_run(dag_run.dag_id, dag_run.run_id)
+            report["ledger"] = ledger_snapshot() if run.get("snapshot") else None
+            report["error"] = None
+            return report
+        except Exception:
+            return {"dag_id": run["dag_id"], "error": traceback.format_exc()}
+
+
+def main(spec_file: str) -> int:
+    spec = json.loads(Path(spec_file).read_text())
+    report: dict[str, Any] = {"runs": [], "error": None}
+    try:
+        dags = load_dags(spec["files"])
+        report["runs"] = [run_one(dags, number, run) for number, run in enumerate(spec["runs"])]
     except Exception:
         report["error"] = traceback.format_exc()
     report["dag_runs"] = all_dag_runs()

@@ -1,65 +1,50 @@
-"""Run real Airflow (``dag.test()``) in a subprocess, each test in its own ``AIRFLOW_HOME``.
+"""Run real Airflow (``dag.test()``) in a subprocess with its own ``AIRFLOW_HOME``.
 
-A migrated SQLite metadata DB is made once per session (``airflow db migrate``) and copied
-into every test's home, so a test costs one Airflow start plus its runs. The test's ledger
-is whatever URL it passes (normally the per-test ``ledger_url`` database). The subprocess
-is :mod:`driver`; its report is parsed into :class:`Result`, and every failed expectation
-shows the tail of the Airflow log.
+Starting Airflow costs about seven seconds; a ``dag.test()`` run in a started Airflow
+costs a fraction of one. So the tests say which runs they need, and one Airflow process
+serves every test of a database that shares the process-wide settings (a *profile*, e.g.
+``[core] xcom_backend``): a test marks itself ``@pytest.mark.dag_runs(files, runs, env=…,
+profile=…)`` and its ``dag_runs`` fixture hands it a :class:`Result` of its own runs.
+Each test still has its own ledger database and its own offload folder, put in place for
+its runs only (see :mod:`driver`), so the tests cannot see each other's items. A test that
+must act between two Airflow starts, or needs a process of its own, uses :class:`Airflow`.
+
+The subprocess is :mod:`driver`; its report is parsed into :class:`Result`, and every
+failed expectation shows the tail of the Airflow log.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
-from .driver import RESULT_MARKER, RUN_END, RUN_START
+from tests.conftest import drop_ledger_database, new_ledger_database
+from tests.support import airflow_env, new_airflow_home
+
+from .driver import LEDGER_URL, RESULT_MARKER, RUN_END, RUN_START
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver.py"
 TEST_DAGS = HERE / "dags"
 EXAMPLE_DAGS = HERE.parents[1] / "example_dags"
-RUN_TIMEOUT = 240
-
-
-def airflow_env(home: Path, dags_folder: Path, ledger_url: str | None = None) -> dict[str, str]:
-    """The environment of one Airflow home: nothing inherited from the caller's Airflow settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
-        AIRFLOW__CORE__DAGS_FOLDER=str(dags_folder),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH=f"file://{home / 'offload'}",
-    )
-    if ledger_url is not None:
-        env["AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN"] = ledger_url
-    return env
-
-
-def migrate_metadata_db(home: Path) -> Path:
-    """``airflow db migrate`` into ``home``; returns the SQLite file to copy into tests."""
-    home.mkdir(parents=True, exist_ok=True)
-    dags = home / "dags"
-    dags.mkdir(exist_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env=airflow_env(home, dags),
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed ({proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")
-    return home / "airflow.db"
+START_TIMEOUT = 120  # seconds for an Airflow process to start and report ...
+RUN_TIMEOUT = 30  # ... plus this much per run
+XCOM_BACKEND = {"AIRFLOW__CORE__XCOM_BACKEND": "exclusive_xcom.backend.ExclusiveXComBackend"}
+PROFILES: dict[str, dict[str, str]] = {  # environment read once per Airflow process
+    "plain": {},
+    "xcom_backend": XCOM_BACKEND,
+}
 
 
 def _tail(text: str, lines: int = 120) -> str:
@@ -77,6 +62,7 @@ class Run:
     tis: list[dict[str, Any]]
     xcom: list[dict[str, Any]]
     log: str
+    ledger: list[dict[str, Any]] | None = None  # the ledger's rows right after the run (payloads as lengths)
 
     def states(self) -> dict[str, str]:
         """``task_id`` (``task_id[i]`` for mapped instances) -> state."""
@@ -87,16 +73,20 @@ class Run:
     def xcoms(self, task_id: str | None = None, key: str | None = None) -> list[dict[str, Any]]:
         return [x for x in self.xcom if task_id in (None, x["task_id"]) and key in (None, x["key"])]
 
+    def task_log(self, task_id: str) -> str:
+        """The part of the log where ``task_id`` ran."""
+        return self.log.split(f"starting task_id={task_id} ", 1)[1].split("[DAG TEST] end task", 1)[0]
+
 
 @dataclass
 class Result:
-    """What the driver reported, and the whole Airflow output."""
+    """What the driver reported of one test's runs, and the whole Airflow output."""
 
-    returncode: int
     output: str
     runs: list[Run] = field(default_factory=list)
     dag_runs: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
+    ledger_url: str = ""
+    workdir: Path = Path()  # the test's own folder: its offload folder is workdir / "offload"
 
     def tail(self, lines: int = 120) -> str:
         return f"\n--- last {lines} lines of the Airflow output ---\n{_tail(self.output, lines)}"
@@ -106,23 +96,54 @@ class Result:
         assert len(self.runs) == 1, self.tail()
         return self.runs[0]
 
+    def ledger_rows(self) -> list[dict[str, Any]]:
+        """Every row of this test's ledger now."""
+        return ledger_rows(self.ledger_url)
+
+
+def run_driver(home: Path, files: Sequence[Path], runs: list[dict[str, Any]], env: Mapping[str, str]) -> Result:
+    """One Airflow process in ``home`` doing ``runs`` in order; every run's report, or a failure."""
+    for source in files:
+        target = home / "dags" / source.name
+        if not target.exists():
+            target.write_bytes(source.read_bytes())
+    spec = home / "e2e_spec.json"
+    spec.write_text(json.dumps({"files": [str(home / "dags" / f.name) for f in files], "runs": runs}))
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), str(spec)],
+        env=dict(env),
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=START_TIMEOUT + RUN_TIMEOUT * len(runs),
+    )
+    (home / "e2e_output.log").write_text(proc.stdout)
+    result = Result(proc.stdout)
+    report = next(
+        (json.loads(line[len(RESULT_MARKER) :]) for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)),
+        None,
+    )
+    assert proc.returncode == 0 and report is not None, f"the driver failed ({proc.returncode}){result.tail()}"
+    assert report["error"] is None, f"the driver failed:\n{report['error']}{result.tail()}"
+    result.dag_runs = report["dag_runs"]
+    for number, run in enumerate(report["runs"]):
+        assert run["error"] is None, f"dag.test() of {run['dag_id']} raised:\n{run['error']}{result.tail()}"
+        del run["error"]
+        result.runs.append(Run(log=_section(proc.stdout, number), **run))
+    return result
+
+
+def _section(output: str, number: int) -> str:
+    start, end = RUN_START.format(number), RUN_END.format(number)
+    return output.split(start, 1)[1].split(end, 1)[0]
+
 
 class Airflow:
-    """One test's Airflow: its own home, metadata DB (a copy of the migrated template) and dags folder."""
+    """One test's own Airflow home, for tests that need a process (or two) of their own."""
 
     def __init__(self, home: Path, template_db: Path) -> None:
-        self.home = home
-        self.dags = home / "dags"
-        self.dags.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template_db, home / "airflow.db")
-
-    def add_dag(self, source: Path) -> Path:
-        target = self.dags / source.name
-        shutil.copyfile(source, target)
-        return target
-
-    def env(self, ledger_url: str | None) -> dict[str, str]:
-        return airflow_env(self.home, self.dags, ledger_url)
+        self.home = new_airflow_home(home, template_db)
 
     def test(
         self,
@@ -138,39 +159,104 @@ class Airflow:
         environment variables to the Airflow process (e.g. ``AIRFLOW__CORE__XCOM_BACKEND``, which
         Airflow reads once, at import).
         """
-        files = [str(self.add_dag(f)) for f in dag_files]
-        spec = self.home / "e2e_spec.json"
-        spec.write_text(json.dumps({"files": files, "runs": runs}))
-        proc = subprocess.run(
-            [sys.executable, str(DRIVER), str(spec)],
-            env={**self.env(ledger_url), **(env or {})},
-            cwd=self.home,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=RUN_TIMEOUT,
-        )
-        (self.home / "e2e_output.log").write_text(proc.stdout)
-        result = Result(proc.returncode, proc.stdout)
-        report = next(
-            (
-                json.loads(line[len(RESULT_MARKER) :])
-                for line in proc.stdout.splitlines()
-                if line.startswith(RESULT_MARKER)
-            ),
-            None,
-        )
-        assert proc.returncode == 0 and report is not None, f"the driver failed ({proc.returncode}){result.tail()}"
-        result.error = report["error"]
-        assert result.error is None, f"the driver failed:\n{result.error}{result.tail()}"
-        result.dag_runs = report["dag_runs"]
-        result.runs = [Run(log=_section(proc.stdout, n), **r) for n, r in enumerate(report["runs"])]
+        process_env = airflow_env(self.home, ledger_url=ledger_url)
+        process_env.update(env or {})
+        result = run_driver(self.home, dag_files, runs, process_env)
+        result.ledger_url, result.workdir = ledger_url or "", self.home
         return result
 
 
-def _section(output: str, number: int) -> str:
-    start, end = RUN_START.format(number), RUN_END.format(number)
-    return output.split(start, 1)[1].split(end, 1)[0]
+# -- shared processes -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one test asks of Airflow (from its ``dag_runs`` mark): files, runs in order, environment."""
+
+    files: tuple[Path, ...]
+    runs: tuple[dict[str, Any], ...]
+    env: tuple[tuple[str, str], ...]  # for its runs only, over its own ledger and offload folder
+    profile: str
+
+    @classmethod
+    def of(cls, item: pytest.Item) -> Plan | None:
+        mark = item.get_closest_marker("dag_runs")
+        if mark is None:
+            return None
+        files, runs = mark.args
+        profile = mark.kwargs.get("profile", "plain")
+        assert profile in PROFILES, f"{item.nodeid}: unknown profile {profile!r}; known: {sorted(PROFILES)}"
+        return cls(tuple(files), tuple(runs), tuple(sorted(mark.kwargs.get("env", {}).items())), profile)
+
+
+def backend_of(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    assert callspec is not None and "backend" in callspec.params, f"{item.nodeid}: dag_runs tests take a backend"
+    return str(callspec.params["backend"])
+
+
+def batch_of(item: pytest.Item) -> str | None:
+    """The name of the Airflow process ``item`` shares (also its pytest-xdist group), or None."""
+    plan = Plan.of(item)
+    return f"e2e-{backend_of(item)}-{plan.profile}" if plan else None
+
+
+class Batches:
+    """One Airflow process per batch (database and profile), started when a test first needs it."""
+
+    def __init__(self, items: list[pytest.Item], root: Path, template_db: Path) -> None:
+        self.items, self.root, self.template_db = items, root, template_db
+        self.results: dict[str, Result | BaseException] = {}
+        self.served: set[str] = set()
+        self.ledgers: list[str] = []
+
+    def result(self, item: pytest.Item) -> Result:
+        if item.nodeid not in self.results:
+            self._run(batch_of(item) or "")
+        self.served.add(item.nodeid)
+        outcome = self.results[item.nodeid]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def close(self) -> None:
+        for url in self.ledgers:
+            drop_ledger_database(url)
+        if os.environ.get("PYTEST_XDIST_WORKER") and (unserved := sorted(set(self.results) - self.served)):
+            warnings.warn(  # their runs were done here and again on another worker: correct, but paid twice
+                f"{len(unserved)} e2e case(s) of a shared Airflow process ran on another pytest-xdist worker "
+                f"(e.g. {unserved[0]}): run with --dist loadgroup, and a pytest that xdist can group under",
+                stacklevel=1,
+            )
+
+    def _run(self, batch: str) -> None:
+        """Every selected test of ``batch`` gets its ledger and folder; their runs go in one process."""
+        members = [(item, plan) for item in self.items if (plan := Plan.of(item)) and batch_of(item) == batch]
+        home = new_airflow_home(self.root / batch, self.template_db)
+        files: dict[str, Path] = {}
+        runs: list[dict[str, Any]] = []
+        spans: dict[str, tuple[int, int, str, Path]] = {}
+        for item, plan in members:
+            workdir = home / "tests" / re.sub(r"[^\w.-]+", "_", item.name)
+            workdir.mkdir(parents=True)
+            ledger = new_ledger_database(backend_of(item), workdir)
+            self.ledgers.append(ledger)
+            env = {
+                LEDGER_URL: ledger,
+                "AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH": f"file://{workdir / 'offload'}",
+                **dict(plan.env),
+            }
+            files.update({f.name: f for f in plan.files})
+            spans[item.nodeid] = (len(runs), len(runs) + len(plan.runs), ledger, workdir)
+            runs.extend({**run, "env": env} for run in plan.runs)
+        profile = PROFILES[members[0][1].profile]
+        try:
+            shared = run_driver(home, list(files.values()), runs, {**airflow_env(home), **profile})
+        except (AssertionError, subprocess.TimeoutExpired) as exc:
+            self.results.update(dict.fromkeys(spans, exc))
+            return
+        for nodeid, (start, end, ledger, workdir) in spans.items():
+            self.results[nodeid] = Result(shared.output, shared.runs[start:end], shared.dag_runs, ledger, workdir)
 
 
 def ledger_rows(url: str) -> list[dict[str, Any]]:

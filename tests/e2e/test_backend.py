@@ -1,7 +1,8 @@
 """``ExclusiveXComBackend`` configured as Airflow's XCom backend, under real ``dag.test()`` runs.
 
 ``[core] xcom_backend`` is read once, when ``airflow.sdk`` is imported, so it is set in
-the environment of the Airflow process (``Airflow.test(env=...)``).
+the environment of the Airflow process: the tests share one process of profile
+``xcom_backend``; the one that also wraps another backend has a process of its own.
 """
 
 from __future__ import annotations
@@ -13,47 +14,37 @@ import pytest
 
 from exclusive_xcom.handle import MARKER, RESERVED_KEY
 
-from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, Run, ledger_rows
+from .harness import EXAMPLE_DAGS, TEST_DAGS, XCOM_BACKEND, Airflow, Result
 from .test_errors import final_exception
 
-pytestmark = pytest.mark.e2e
-
 SUCCESS = "success"
-BACKEND = {"AIRFLOW__CORE__XCOM_BACKEND": "exclusive_xcom.backend.ExclusiveXComBackend"}
+THRESHOLD = {"AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_THRESHOLD_BYTES": "1024"}
+CHILD, CLASSIC_CHILD = "exclusive_handoff_child", "e2e_backend_handoff_child"
+OTHERS = ["exclusive_fanout", "exclusive_competing", "exclusive_work_queue", "e2e_mapped_producer"]
 OBJECT_STORAGE = "airflow.providers.common.io.xcom.backend.XComObjectStorageBackend"
-
-
-def _task_log(run: Run, task_id: str) -> str:
-    return run.log.split(f"starting task_id={task_id} ", 1)[1].split("[DAG TEST] end task", 1)[0]
-
-
-def _rows_of(url: str, dag_id: str) -> list[dict]:
-    return [r for r in ledger_rows(url) if r["dag_id"] == dag_id]
 
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def test_the_examples_still_succeed_with_the_backend(airflow: Airflow, ledger_url: str) -> None:
+@pytest.mark.dag_runs(
+    [EXAMPLE_DAGS / f"{name}.py" for name in ("exclusive_etl", "exclusive_handoff", *OTHERS[:3])]
+    + [TEST_DAGS / "backend_handoff.py", TEST_DAGS / "retry_and_mapped.py"],
+    [
+        {"dag_id": "exclusive_etl"},
+        {"dag_id": "exclusive_handoff_parent"},
+        {"dag_id": CHILD, "conf_from_triggered": CHILD},
+        {"dag_id": "e2e_backend_handoff_parent"},
+        {"dag_id": CLASSIC_CHILD, "conf_from_triggered": CLASSIC_CHILD},
+        *({"dag_id": dag_id} for dag_id in OTHERS),
+    ],
+    profile="xcom_backend",
+)
+def test_the_examples_still_succeed_with_the_backend(dag_runs: Result) -> None:
     """Consumers resolve their arguments (decorated, mapped, competing, from a mapped producer),
     and the parent's TriggerDagRunOperator forwards the handle to the child DAG."""
-    child, classic_child = "exclusive_handoff_child", "e2e_backend_handoff_child"
-    others = ["exclusive_fanout", "exclusive_competing", "exclusive_work_queue", "e2e_mapped_producer"]
-    result = airflow.test(
-        [EXAMPLE_DAGS / f"{name}.py" for name in ("exclusive_etl", "exclusive_handoff", *others[:3])]
-        + [TEST_DAGS / "backend_handoff.py", TEST_DAGS / "retry_and_mapped.py"],
-        [
-            {"dag_id": "exclusive_etl"},
-            {"dag_id": "exclusive_handoff_parent"},
-            {"dag_id": child, "conf_from_triggered": child},
-            {"dag_id": "e2e_backend_handoff_parent"},
-            {"dag_id": classic_child, "conf_from_triggered": classic_child},
-            *({"dag_id": dag_id} for dag_id in others),
-        ],
-        ledger_url,
-        env=BACKEND,
-    )
+    child, classic_child, others, result = CHILD, CLASSIC_CHILD, OTHERS, dag_runs
     etl, parent, first, classic_parent, classic, *rest = result.runs
 
     assert etl.states() == {"extract": SUCCESS, "transform": SUCCESS, "load": SUCCESS}, result.tail()
@@ -68,7 +59,7 @@ def test_the_examples_still_succeed_with_the_backend(airflow: Airflow, ledger_ur
 
     owners = {
         (r["dag_id"], r["task_id"]): (r["state"], r["owner_dag_id"], r["owner_task_id"])
-        for r in ledger_rows(ledger_url)
+        for r in result.ledger_rows()
         if r["dag_id"] in ("exclusive_etl", "exclusive_handoff_parent", "e2e_backend_handoff_parent")
     }
     assert owners == {
@@ -77,11 +68,12 @@ def test_the_examples_still_succeed_with_the_backend(airflow: Airflow, ledger_ur
         ("exclusive_handoff_parent", "export"): ("consumed", child, "ingest"),
         ("e2e_backend_handoff_parent", "export"): ("consumed", classic_child, "ingest_classic"),
     }
-    assert {r["state"] for r in ledger_rows(ledger_url)} == {"consumed"}
+    assert {r["state"] for r in result.ledger_rows()} == {"consumed"}
 
 
-def test_a_task_that_is_not_a_consumer_cannot_pull_the_handle(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([TEST_DAGS / "backend_peek.py"], [{"dag_id": "e2e_backend_peek"}], ledger_url, env=BACKEND)
+@pytest.mark.dag_runs([TEST_DAGS / "backend_peek.py"], [{"dag_id": "e2e_backend_peek"}], profile="xcom_backend")
+def test_a_task_that_is_not_a_consumer_cannot_pull_the_handle(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.states() == {
@@ -95,64 +87,62 @@ def test_a_task_that_is_not_a_consumer_cannot_pull_the_handle(airflow: Airflow, 
     }, result.tail()
     suffix = "[dag='e2e_backend_peek' run='{}' producer='producer' key='return_value' consumer='e2e_backend_peek/{}']"
     for peek in ("peek", "peek_template"):  # in the task body, and while rendering templates
-        kind, message = final_exception(_task_log(run, peek))
+        kind, message = final_exception(run.task_log(peek))
         assert kind == "exclusive_xcom.errors.NotAuthorizedError", (peek, kind, message)
         assert f"task {peek!r} of dag 'e2e_backend_peek' may not read the exclusive handle of 'producer'" in message
         assert "allowed: e2e_backend_peek/classic_reader, e2e_backend_peek/reader" in message
         assert suffix.format(run.run_id, peek) in message
     assert "peek_template got" not in run.log
 
-    kind, message = final_exception(_task_log(run, "impostor"))
+    kind, message = final_exception(run.task_log("impostor"))
     assert kind == "exclusive_xcom.errors.NotAuthorizedError", (kind, message)
     assert "task 'impostor' of dag 'e2e_backend_peek' cannot claim on behalf of 'classic_reader'" in message
     assert suffix.format(run.run_id, "impostor") in message
 
     assert "hunter2-backend-secret" not in result.output
     assert [x["value"] for x in run.xcoms("classic_reader", "return_value")] == [22]
-    rows = ledger_rows(ledger_url)
+    rows = result.ledger_rows()
     assert sorted((r["owner_task_id"], r["state"]) for r in rows) == [
         ("classic_reader", "consumed"),
         ("reader", "consumed"),
     ]
 
 
-def test_a_retried_producer_purges_its_first_handle_with_its_items_and_blobs(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test(
-        [TEST_DAGS / "backend_purge.py"],
-        [{"dag_id": "e2e_backend_purge_lost"}, {"dag_id": "e2e_backend_purge_replaced"}],
-        ledger_url,
-        env={**BACKEND, "AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_THRESHOLD_BYTES": "1024"},
-    )
+@pytest.mark.dag_runs(
+    [TEST_DAGS / "backend_purge.py"],
+    [{"dag_id": "e2e_backend_purge_lost"}, {"dag_id": "e2e_backend_purge_replaced"}],
+    env=THRESHOLD,
+    profile="xcom_backend",
+)
+def test_a_retried_producer_purges_its_first_handle_with_its_items_and_blobs(dag_runs: Result) -> None:
+    result = dag_runs
     lost, replaced = result.runs
-    offload = airflow.home / "offload"
+    offload = result.workdir / "offload"
 
     assert lost.states() == {"producer": "failed", "reader": "upstream_failed"}, result.tail()
     assert [t["try_number"] for t in lost.tis if t["task_id"] == "producer"] == [2]
     assert "forgot producer generation 1 (its handle was purged)" in lost.log, result.tail()
-    assert _rows_of(ledger_url, "e2e_backend_purge_lost") == [], "try 1's items went with its handle"
+    rows = result.ledger_rows()
+    assert [r for r in rows if r["dag_id"] == "e2e_backend_purge_lost"] == [], "try 1's items went with its handle"
 
     assert replaced.states() == {"producer": SUCCESS, "reader": SUCCESS}, result.tail()
     assert "forgot producer generation 1 (its handle was purged)" in replaced.log, result.tail()
     assert [x["value"] for x in replaced.xcoms("reader", "return_value")] == [2]
-    (row,) = _rows_of(ledger_url, "e2e_backend_purge_replaced")
+    (row,) = [r for r in rows if r["dag_id"] == "e2e_backend_purge_replaced"]
     assert (row["generation"], row["state"], row["owner_task_id"]) == (2, "consumed", "reader")
 
     assert _files(offload) == [], "every blob is gone: try 1's purged, try 2's consumed"
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
-def test_without_the_backend_the_first_try_items_stay_behind(airflow: Airflow, ledger_url: str) -> None:
+@pytest.mark.dag_runs([TEST_DAGS / "backend_purge.py"], [{"dag_id": "e2e_backend_purge_lost"}], env=THRESHOLD)
+def test_without_the_backend_the_first_try_items_stay_behind(dag_runs: Result) -> None:
     """The control of the test above: the deletion is the backend's doing."""
-    result = airflow.test(
-        [TEST_DAGS / "backend_purge.py"],
-        [{"dag_id": "e2e_backend_purge_lost"}],
-        ledger_url,
-        env={"AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_THRESHOLD_BYTES": "1024"},
-    )
+    result = dag_runs
     assert result.run.states() == {"producer": "failed", "reader": "upstream_failed"}, result.tail()
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert (row["generation"], row["state"]) == (1, "ready") and row["payload_uri"]
-    assert len(_files(airflow.home / "offload")) == 1
+    assert len(_files(result.workdir / "offload")) == 1
 
 
 def test_it_composes_with_the_object_storage_backend(airflow: Airflow, ledger_url: str) -> None:
@@ -162,7 +152,7 @@ def test_it_composes_with_the_object_storage_backend(airflow: Airflow, ledger_ur
         [{"dag_id": "e2e_backend_compose"}],
         ledger_url,
         env={
-            **BACKEND,
+            **XCOM_BACKEND,
             "AIRFLOW__EXCLUSIVE_XCOM__BASE_XCOM_BACKEND": OBJECT_STORAGE,
             "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_PATH": f"file://{xcom_dir}",
             "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD": "0",
@@ -185,7 +175,7 @@ def test_it_composes_with_the_object_storage_backend(airflow: Airflow, ledger_ur
 
     (handle,) = run.xcoms("secret", RESERVED_KEY)
     assert isinstance(handle["raw"], dict) and handle["raw"][MARKER] == 1, "the handle stays inline"
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert (row["task_id"], row["state"], row["owner_task_id"]) == ("secret", "consumed", "unwrap")
     assert "compose-secret-token" not in json.dumps(run.xcom)
     assert not any("compose-secret-token" in p.read_text() for p in stored)

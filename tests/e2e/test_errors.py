@@ -18,10 +18,10 @@ import pytest
 from exclusive_xcom import NotAuthorizedError
 from exclusive_xcom.handle import MARKER, RESERVED_KEY
 
-from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, ledger_rows
+from .driver import LEDGER_URL
+from .harness import EXAMPLE_DAGS, TEST_DAGS, Result
 
-pytestmark = pytest.mark.e2e
-
+NOWHERE = "postgresql+psycopg://postgres@127.0.0.1:1/nope"
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$", re.MULTILINE)
 
 
@@ -53,10 +53,9 @@ def test_a_non_consumer_wired_to_the_output_fails_the_dag_file_import() -> None:
     assert "not one of its consumers ['reader']" in message
 
 
-def test_an_unserializable_return_value_fails_the_producer_with_payload_error(
-    airflow: Airflow, ledger_url: str
-) -> None:
-    result = airflow.test([TEST_DAGS / "unserializable.py"], [{"dag_id": "e2e_unserializable"}], ledger_url)
+@pytest.mark.dag_runs([TEST_DAGS / "unserializable.py"], [{"dag_id": "e2e_unserializable"}])
+def test_an_unserializable_return_value_fails_the_producer_with_payload_error(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.state == "failed", result.tail()
@@ -66,11 +65,12 @@ def test_an_unserializable_return_value_fails_the_producer_with_payload_error(
     assert "cannot serialize the return value (lock)" in message
     assert f"[dag='e2e_unserializable' run='{run.run_id}' producer='producer' key='return_value'" in message
     assert run.xcoms("producer") == [], "a failed producer pushes no handle"
-    assert ledger_rows(ledger_url) == [], "nothing half-written to the ledger"
+    assert result.ledger_rows() == [], "nothing half-written to the ledger"
 
 
-def test_claim_by_a_task_that_is_not_a_consumer_is_refused_at_run_time(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([TEST_DAGS / "claim_intruder.py"], [{"dag_id": "e2e_claim_intruder"}], ledger_url)
+@pytest.mark.dag_runs([TEST_DAGS / "claim_intruder.py"], [{"dag_id": "e2e_claim_intruder"}])
+def test_claim_by_a_task_that_is_not_a_consumer_is_refused_at_run_time(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.states() == {
@@ -80,8 +80,7 @@ def test_claim_by_a_task_that_is_not_a_consumer_is_refused_at_run_time(airflow: 
         "snoop_plain": "failed",
     }, result.tail()
     for snoop in ("snoop_classic", "snoop_plain"):
-        section = run.log.split(f"starting task_id={snoop} ", 1)[1].split("[DAG TEST] end task", 1)[0]
-        kind, message = final_exception(section)
+        kind, message = final_exception(run.task_log(snoop))
         assert kind == "exclusive_xcom.errors.NotAuthorizedError", (snoop, kind, message)
         assert f"task {snoop!r} of dag 'e2e_claim_intruder' is not a named consumer" in message
         assert "allowed: e2e_claim_intruder/reader" in message
@@ -91,13 +90,14 @@ def test_claim_by_a_task_that_is_not_a_consumer_is_refused_at_run_time(airflow: 
         ) in message
     assert "4111-1111" not in result.output
 
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert (row["state"], row["owner_task_id"], row["payload"]) == ("consumed", "reader", None)
     assert [x["value"] for x in run.xcoms("reader", "return_value")] == [19]
 
 
-def test_pulling_the_reserved_key_directly_yields_only_the_handle(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([TEST_DAGS / "xcom_peek.py"], [{"dag_id": "e2e_xcom_peek"}], ledger_url)
+@pytest.mark.dag_runs([TEST_DAGS / "xcom_peek.py"], [{"dag_id": "e2e_xcom_peek"}])
+def test_pulling_the_reserved_key_directly_yields_only_the_handle(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.state == "success", result.tail()
@@ -114,14 +114,15 @@ def test_pulling_the_reserved_key_directly_yields_only_the_handle(airflow: Airfl
     assert "hunter2-e2e-secret" not in result.output, "the payload never reaches a log"
     assert "hunter2-e2e-secret" not in json.dumps(run.xcom), "the payload never reaches the xcom table"
 
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert (row["state"], row["owner_task_id"]) == ("consumed", "reader")
 
 
-def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(airflow: Airflow) -> None:
-    """One backend is enough: the ledger is a PostgreSQL URL on a port where nothing listens."""
-    url = "postgresql+psycopg://postgres@127.0.0.1:1/nope"
-    result = airflow.test([EXAMPLE_DAGS / "exclusive_etl.py"], [{"dag_id": "exclusive_etl"}], url)
+@pytest.mark.parametrize("backend", ["sqlite"])  # the batch it joins; its ledger is the URL below
+@pytest.mark.dag_runs([EXAMPLE_DAGS / "exclusive_etl.py"], [{"dag_id": "exclusive_etl"}], env={LEDGER_URL: NOWHERE})
+def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(dag_runs: Result) -> None:
+    """One database is enough: the ledger is a PostgreSQL URL on a port where nothing listens."""
+    result = dag_runs
     run = result.run
 
     assert run.state == "failed", result.tail()
@@ -130,7 +131,7 @@ def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(airf
     )
     kind, message = final_exception(run.log)
     assert kind == "exclusive_xcom.errors.LedgerUnavailableError", (kind, message, result.tail())
-    assert "postgresql+psycopg://postgres@127.0.0.1:1/nope" in message
+    assert NOWHERE in message
     assert "nothing was claimed, consumed or written" in message
     assert "[dag='exclusive_etl' run=" in message and "producer='extract' key='return_value'" in message
     assert run.xcoms("extract") == []

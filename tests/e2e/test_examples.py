@@ -1,8 +1,9 @@
 """Every example DAG runs to success under real Airflow, on every ledger backend.
 
-Each test runs ``dag.test()`` in a subprocess (see :mod:`harness`) against a fresh ledger
-database, then checks what Airflow recorded (run and task states, the ``xcom`` table) and
-what the ledger holds (who consumed which item, payloads cleared).
+Each test's runs are ``dag.test()`` runs in a real Airflow process (see :mod:`harness`),
+against a fresh ledger database of its own; the test checks what Airflow recorded (run and
+task states, the ``xcom`` table) and what the ledger holds (who consumed which item,
+payloads cleared).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import pytest
 
 from exclusive_xcom.handle import MARKER, RESERVED_KEY
 
-from .harness import EXAMPLE_DAGS, Airflow, Result, ledger_rows
-
-pytestmark = pytest.mark.e2e
+from .harness import EXAMPLE_DAGS, Result
 
 SUCCESS = "success"
+CHILD = "exclusive_handoff_child"
 
 
 def _assert_only_handles(result: Result, producers: list[str], secrets: list[str]) -> None:
@@ -34,10 +34,9 @@ def _assert_only_handles(result: Result, producers: list[str], secrets: list[str
         assert secret not in everything, f"payload field {secret!r} leaked into the xcom table: {run.xcom}"
 
 
-def test_etl_hands_each_stage_to_the_next_once_and_keeps_payloads_out_of_xcom(
-    airflow: Airflow, ledger_url: str
-) -> None:
-    result = airflow.test([EXAMPLE_DAGS / "exclusive_etl.py"], [{"dag_id": "exclusive_etl"}], ledger_url)
+@pytest.mark.dag_runs([EXAMPLE_DAGS / "exclusive_etl.py"], [{"dag_id": "exclusive_etl"}])
+def test_etl_hands_each_stage_to_the_next_once_and_keeps_payloads_out_of_xcom(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.state == SUCCESS, result.tail()
@@ -46,7 +45,7 @@ def test_etl_hands_each_stage_to_the_next_once_and_keeps_payloads_out_of_xcom(
     assert [x["value"] for x in run.xcoms("load", "return_value")] == [5]  # bare form: an ordinary XCom
     assert "loaded 5 rows, total 150" in run.log
 
-    rows = ledger_rows(ledger_url)
+    rows = result.ledger_rows()
     assert {(r["task_id"], r["slot"]) for r in rows} == {
         ("extract", "exclusive_etl/transform"),
         ("transform", "exclusive_etl/load"),
@@ -64,10 +63,9 @@ def test_etl_hands_each_stage_to_the_next_once_and_keeps_payloads_out_of_xcom(
         assert row["consumed_at"] is not None and row["lease_expires_at"] is None
 
 
-def test_competing_consumers_one_wins_the_other_is_skipped_and_the_run_succeeds(
-    airflow: Airflow, ledger_url: str
-) -> None:
-    result = airflow.test([EXAMPLE_DAGS / "exclusive_competing.py"], [{"dag_id": "exclusive_competing"}], ledger_url)
+@pytest.mark.dag_runs([EXAMPLE_DAGS / "exclusive_competing.py"], [{"dag_id": "exclusive_competing"}])
+def test_competing_consumers_one_wins_the_other_is_skipped_and_the_run_succeeds(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
     states = run.states()
 
@@ -83,15 +81,14 @@ def test_competing_consumers_one_wins_the_other_is_skipped_and_the_run_succeeds(
     )
     _assert_only_handles(result, ["ticket"], secrets=['"amount"'])
 
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert row["mode"] == "one" and row["slot"] == "*"
     assert row["state"] == "consumed" and row["owner_task_id"] == winner and row["payload"] is None
 
 
-def test_fanout_gives_each_consumer_its_own_copy_and_allows_a_plain_ordering_edge(
-    airflow: Airflow, ledger_url: str
-) -> None:
-    result = airflow.test([EXAMPLE_DAGS / "exclusive_fanout.py"], [{"dag_id": "exclusive_fanout"}], ledger_url)
+@pytest.mark.dag_runs([EXAMPLE_DAGS / "exclusive_fanout.py"], [{"dag_id": "exclusive_fanout"}])
+def test_fanout_gives_each_consumer_its_own_copy_and_allows_a_plain_ordering_edge(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.state == SUCCESS, result.tail()
@@ -103,7 +100,7 @@ def test_fanout_gives_each_consumer_its_own_copy_and_allows_a_plain_ordering_edg
     assert [x["value"] for x in run.xcoms("bystander", "return_value")] == ["ran after snapshot"]
     _assert_only_handles(result, ["snapshot"], secrets=['"accounts"', '"balance"'])
 
-    rows = ledger_rows(ledger_url)
+    rows = result.ledger_rows()
     assert sorted((r["slot"], r["state"], r["owner_task_id"]) for r in rows) == [
         ("exclusive_fanout/audit", "consumed", "audit"),
         ("exclusive_fanout/report", "consumed", "report"),
@@ -111,8 +108,9 @@ def test_fanout_gives_each_consumer_its_own_copy_and_allows_a_plain_ordering_edg
     assert all(r["payload"] is None for r in rows)
 
 
-def test_work_queue_mapped_workers_consume_all_items_exactly_once(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([EXAMPLE_DAGS / "exclusive_work_queue.py"], [{"dag_id": "exclusive_work_queue"}], ledger_url)
+@pytest.mark.dag_runs([EXAMPLE_DAGS / "exclusive_work_queue.py"], [{"dag_id": "exclusive_work_queue"}])
+def test_work_queue_mapped_workers_consume_all_items_exactly_once(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
 
     assert run.state == SUCCESS, result.tail()
@@ -123,7 +121,7 @@ def test_work_queue_mapped_workers_consume_all_items_exactly_once(airflow: Airfl
     assert len(sums) == 3 and sum(sums) == sum(i % 7 for i in range(250)), sums
     _assert_only_handles(result, ["enqueue"], secrets=['"order"', '"qty"'])
 
-    rows = ledger_rows(ledger_url)
+    rows = result.ledger_rows()
     assert len(rows) == 250
     assert sorted(r["seq"] for r in rows) == list(range(250)), "one ledger item per element"
     assert {r["state"] for r in rows} == {"consumed"}
@@ -132,17 +130,16 @@ def test_work_queue_mapped_workers_consume_all_items_exactly_once(airflow: Airfl
     assert all(r["payload"] is None for r in rows)
 
 
-def test_handoff_to_another_dag_is_read_once_and_a_replay_is_refused(airflow: Airflow, ledger_url: str) -> None:
-    child = "exclusive_handoff_child"
-    result = airflow.test(
-        [EXAMPLE_DAGS / "exclusive_handoff.py"],
-        [
-            {"dag_id": "exclusive_handoff_parent"},
-            {"dag_id": child, "conf_from_triggered": child},  # the conf TriggerDagRunOperator passed
-            {"dag_id": child, "conf_from_triggered": child},  # the same conf again: a replay
-        ],
-        ledger_url,
-    )
+@pytest.mark.dag_runs(
+    [EXAMPLE_DAGS / "exclusive_handoff.py"],
+    [
+        {"dag_id": "exclusive_handoff_parent"},
+        {"dag_id": CHILD, "conf_from_triggered": CHILD},  # the conf TriggerDagRunOperator passed
+        {"dag_id": CHILD, "conf_from_triggered": CHILD},  # the same conf again: a replay
+    ],
+)
+def test_handoff_to_another_dag_is_read_once_and_a_replay_is_refused(dag_runs: Result) -> None:
+    child, result = CHILD, dag_runs
     parent, first, replay = result.runs
 
     assert parent.state == SUCCESS, result.tail()
@@ -160,7 +157,7 @@ def test_handoff_to_another_dag_is_read_once_and_a_replay_is_refused(airflow: Ai
     assert first.state == SUCCESS, result.tail()
     assert first.states() == {"ingest": SUCCESS}, result.tail()
     assert [x["value"] for x in first.xcoms("ingest", "return_value")] == [3]
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert row["state"] == "consumed" and row["payload"] is None
     assert (row["owner_dag_id"], row["owner_run_id"], row["owner_task_id"]) == (child, first.run_id, "ingest")
 
@@ -173,4 +170,4 @@ def test_handoff_to_another_dag_is_read_once_and_a_replay_is_refused(airflow: Ai
     )
     assert expected in replay.log, replay.log[-4000:]
     assert f"already consumed by {child}/{first.run_id}/ingest" in replay.log
-    assert ledger_rows(ledger_url) == [row], "the refused replay changed nothing"
+    assert result.ledger_rows() == [row], "the refused replay changed nothing"

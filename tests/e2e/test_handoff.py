@@ -7,7 +7,8 @@ handle gets :class:`PayloadError` ("signature mismatch"); none of them takes the
 and the real consumer still reads it, once. The replay of a consumed conf is covered by
 ``test_examples.py::test_handoff_to_another_dag_is_read_once_and_a_replay_is_refused``.
 
-Cost: two Airflow starts (the ledger is inspected between them), four DAG runs.
+Four DAG runs; the driver reads the ledger right after the two runs of the third DAG, so the
+test sees it as it was between the runs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ import pytest
 
 from exclusive_xcom.handle import RESERVED_KEY
 
-from .harness import TEST_DAGS, Airflow, Result, Run, ledger_rows
+from .harness import TEST_DAGS, Result, Run
 from .test_errors import final_exception
-
-pytestmark = pytest.mark.e2e
 
 PARENT, CHILD, OUTSIDER = "handoff_parent", "handoff_child", "handoff_outsider"
 DAG_FILE = TEST_DAGS / "handoff_rules.py"
@@ -30,12 +29,6 @@ SLOTS = [f"{CHILD}/ingest", f"{CHILD}/ingest_edited", f"{CHILD}/ingest_resigned"
 TOKEN = "handoff-e2e-token"  # a payload field: it must reach nobody but the named consumer
 NOT_AUTHORIZED = "exclusive_xcom.errors.NotAuthorizedError"
 PAYLOAD_ERROR = "exclusive_xcom.errors.PayloadError"
-
-
-def task_failure(run: Run, task_id: str) -> tuple[str, str]:
-    """Type and message of the exception ``task_id`` failed with, from its own part of the run's log."""
-    section = run.log.split(f"starting task_id={task_id} ", 1)[1].split("[DAG TEST] end task", 1)[0]
-    return final_exception(section)
 
 
 def suffix(handle: dict[str, Any], consumer: str) -> str:
@@ -47,28 +40,32 @@ def suffix(handle: dict[str, Any], consumer: str) -> str:
 
 
 def assert_not_authorized(run: Run, task_id: str, handle: dict[str, Any], result: Result) -> None:
-    kind, message = task_failure(run, task_id)
+    kind, message = final_exception(run.task_log(task_id))
     assert kind == NOT_AUTHORIZED, (run.dag_id, task_id, kind, message, result.tail())
     assert f"task {task_id!r} of dag {run.dag_id!r} is not a named consumer of this output" in message, message
     assert f"(allowed: {', '.join(SLOTS)})" in message, message
     assert suffix(handle, f"{run.dag_id}/{task_id}") in message, message
 
 
-def test_only_the_named_child_task_claims_the_handle_passed_in_conf(airflow: Airflow, ledger_url: str) -> None:
-    # Start 1: the parent produces and triggers; a third DAG tries the triggered conf first.
-    first = airflow.test(
-        [DAG_FILE],
-        [{"dag_id": PARENT}, {"dag_id": OUTSIDER, "conf_from_triggered": CHILD}],
-        ledger_url,
-    )
-    parent, outsider = first.runs
+@pytest.mark.dag_runs(
+    [DAG_FILE],
+    [
+        {"dag_id": PARENT},  # produces and triggers the child
+        {"dag_id": OUTSIDER, "conf_from_triggered": CHILD, "snapshot": True},  # a third DAG tries first
+        {"dag_id": CHILD, "conf_from_triggered": CHILD},
+        {"dag_id": OUTSIDER, "conf_from_triggered": CHILD, "snapshot": True},  # again, after the consumption
+    ],
+)
+def test_only_the_named_child_task_claims_the_handle_passed_in_conf(dag_runs: Result) -> None:
+    result = dag_runs
+    parent, outsider, child, late_outsider = result.runs
 
-    assert parent.state == "success", first.tail()
+    assert parent.state == "success", result.tail()
     assert parent.states() == {"export": "success", "forge": "success", "trigger_child": "success"}, (
-        f"{parent.states()}{first.tail()}"
+        f"{parent.states()}{result.tail()}"
     )
     (handle,) = [x["value"] for x in parent.xcoms("export", RESERVED_KEY)]
-    (triggered,) = [r for r in first.dag_runs if r["dag_id"] == CHILD and r["run_type"] == "operator_triggered"]
+    (triggered,) = [r for r in result.dag_runs if r["dag_id"] == CHILD and r["run_type"] == "operator_triggered"]
     conf = triggered["conf"]
     assert conf["batch"] == handle, "the child's conf carries the producer's handle as it is"
     assert (handle["dag_id"], handle["run_id"], handle["task_id"]) == (PARENT, parent.run_id, "export")
@@ -79,44 +76,39 @@ def test_only_the_named_child_task_claims_the_handle_passed_in_conf(airflow: Air
     assert outsider.conf == conf
 
     # Case 2: a DAG that is not named, with a task of the consumer's very task_id, is refused.
-    assert outsider.state == "failed", first.tail()
-    assert outsider.states() == {"ingest": "failed"}, first.tail()
-    assert_not_authorized(outsider, "ingest", handle, first)
+    assert outsider.state == "failed", result.tail()
+    assert outsider.states() == {"ingest": "failed"}, result.tail()
+    assert_not_authorized(outsider, "ingest", handle, result)
     assert outsider.xcom == []
 
-    before = ledger_rows(ledger_url)
+    before = outsider.ledger
+    assert before is not None
     assert [r["slot"] for r in before] == SLOTS, before
     for row in before:  # the refusal took nothing: every slot is still claimable
         assert (row["state"], row["owner_dag_id"], row["owner_task_id"]) == ("ready", None, None), row
         assert row["claimed_at"] is None and row["lease_expires_at"] is None and row["payload"] is not None, row
 
-    # Start 2: the child run with the triggered conf, then the third DAG again, after the consumption.
-    second = airflow.test(
-        [DAG_FILE],
-        [{"dag_id": CHILD, "conf_from_triggered": CHILD}, {"dag_id": OUTSIDER, "conf_from_triggered": CHILD}],
-        ledger_url,
-    )
-    child, late_outsider = second.runs
     assert child.conf == late_outsider.conf == conf
-    assert child.state == "failed", second.tail()
+    assert child.state == "failed", result.tail()
     assert child.states() == {
         "sneak": "failed",
         "ingest": "success",
         "ingest_edited": "failed",
         "ingest_resigned": "failed",
-    }, f"{child.states()}{second.tail()}"
+    }, f"{child.states()}{result.tail()}"
 
     # Case 1: the child's other task reading the same conf key is refused; it ran first, and
     # the named consumer still got the data (once: see the ledger below).
-    assert_not_authorized(child, "sneak", handle, second)
-    assert [x["value"] for x in child.xcoms("ingest", "return_value")] == [42], second.tail()
+    assert_not_authorized(child, "sneak", handle, result)
+    assert [x["value"] for x in child.xcoms("ingest", "return_value")] == [42], result.tail()
 
     # A non-consumer is refused as such even when the item is already consumed.
-    assert late_outsider.state == "failed", second.tail()
-    assert_not_authorized(late_outsider, "ingest", handle, second)
+    assert late_outsider.state == "failed", result.tail()
+    assert_not_authorized(late_outsider, "ingest", handle, result)
     assert "AlreadyConsumedError" not in late_outsider.log
 
-    after = ledger_rows(ledger_url)
+    after = late_outsider.ledger
+    assert after is not None
     assert [r["slot"] for r in after] == SLOTS, after
     consumed = after[0]
     assert consumed["slot"] == f"{CHILD}/ingest" and consumed["state"] == "consumed", consumed
@@ -132,15 +124,15 @@ def test_only_the_named_child_task_claims_the_handle_passed_in_conf(airflow: Air
     # exactly as the producer wrote them.
     assert after[1:] == before[1:], "an altered handle changed the ledger"
     for task_id in ("ingest_edited", "ingest_resigned"):
-        kind, message = task_failure(child, task_id)
-        assert kind == PAYLOAD_ERROR, (task_id, kind, message, second.tail())
+        kind, message = final_exception(child.task_log(task_id))
+        assert kind == PAYLOAD_ERROR, (task_id, kind, message, result.tail())
         assert "exclusive_xcom handle signature mismatch: the handle was forged or altered" in message, message
         assert not child.xcoms(task_id), child.xcoms(task_id)
-    assert TOKEN not in first.output + second.output, "the payload reached a log"
-    assert TOKEN not in json.dumps([r.xcom for r in first.runs + second.runs]), "the payload reached the xcom table"
+    assert TOKEN not in result.output, "the payload reached a log"
+    assert TOKEN not in json.dumps([r.xcom for r in result.runs]), "the payload reached the xcom table"
 
     # Every message names DAG, run, producer, key and consumer (for an altered handle: what
     # the handle claims, and the task that presented it).
     for task_id, altered in (("ingest_edited", edited), ("ingest_resigned", resigned)):
-        _, message = task_failure(child, task_id)
+        _, message = final_exception(child.task_log(task_id))
         assert suffix(altered, f"{CHILD}/{task_id}") in message, message

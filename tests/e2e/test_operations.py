@@ -12,9 +12,7 @@ import pytest
 from exclusive_xcom.payload import MAGIC
 from tests.integration.test_metrics import Listener
 
-from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, ledger_rows
-
-pytestmark = pytest.mark.e2e
+from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, Result, ledger_rows
 
 SUCCESS = "success"
 MARKER = b"plaintext-marker-"
@@ -56,13 +54,15 @@ def test_big_payload_is_offloaded_encrypted_read_once_and_purged_by_the_maintena
     assert not blob.exists(), "the purge deleted the consumed item's blob"
 
 
-def test_without_retention_the_blob_goes_as_soon_as_its_item_is_consumed(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([TEST_DAGS / "offload_big.py"], [{"dag_id": "offload_big"}], ledger_url)
+@pytest.mark.dag_runs([TEST_DAGS / "offload_big.py"], [{"dag_id": "offload_big"}])
+def test_without_retention_the_blob_goes_as_soon_as_its_item_is_consumed(dag_runs: Result) -> None:
+    result = dag_runs
     assert result.run.state == SUCCESS, result.tail()
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert row["state"] == "consumed" and row["payload_uri"]
-    assert [p for p in (airflow.home / "offload").rglob("*.blob")] == [], "consumed blob was not deleted"
-    assert "offloaded (" in result.tail(100_000), "the producer's log line reports the offload"
+    assert row["payload_uri"].startswith(f"file://{result.workdir / 'offload'}/"), row["payload_uri"]
+    assert [p for p in (result.workdir / "offload").rglob("*.blob")] == [], "consumed blob was not deleted"
+    assert "offloaded (" in result.run.log, "the producer's log line reports the offload"
 
 
 def test_claims_are_counted_through_airflows_statsd_and_logged_once_each(airflow: Airflow, ledger_url: str) -> None:

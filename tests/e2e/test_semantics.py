@@ -4,39 +4,40 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import TEST_DAGS, Airflow, ledger_rows
-
-pytestmark = pytest.mark.e2e
+from .harness import TEST_DAGS, Result
 
 DAGS = TEST_DAGS / "retry_and_mapped.py"
 
 
-def test_a_failed_try_keeps_its_claim_and_the_retry_consumes_it(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([DAGS], [{"dag_id": "e2e_retry"}], ledger_url)
+@pytest.mark.dag_runs([DAGS], [{"dag_id": "e2e_retry"}])
+def test_a_failed_try_keeps_its_claim_and_the_retry_consumes_it(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
     assert run.state == "success", result.tail()
     assert "flaky try 1 got {'x': 7}" in run.log and "flaky try 2 got {'x': 7}" in run.log, result.tail()
     assert "keeps 1 claim(s) for its retry" in run.log
     (flaky,) = [t for t in run.tis if t["task_id"] == "flaky"]
     assert flaky["try_number"] == 2, flaky
-    (row,) = ledger_rows(ledger_url)
+    (row,) = result.ledger_rows()
     assert (row["state"], row["owner_task_id"], row["owner_try"]) == ("consumed", "flaky", 2)
 
 
-def test_a_mapped_producer_hands_every_instance_to_its_consumer(airflow: Airflow, ledger_url: str) -> None:
-    result = airflow.test([DAGS], [{"dag_id": "e2e_mapped_producer"}], ledger_url)
+@pytest.mark.dag_runs([DAGS], [{"dag_id": "e2e_mapped_producer"}])
+def test_a_mapped_producer_hands_every_instance_to_its_consumer(dag_runs: Result) -> None:
+    result = dag_runs
     run = result.run
     assert run.state == "success", result.tail()
     assert run.states() == {"part[0]": "success", "part[1]": "success", "part[2]": "success", "gather": "success"}
-    rows = ledger_rows(ledger_url)
+    rows = result.ledger_rows()
     assert sorted(r["map_index"] for r in rows) == [0, 1, 2]
     assert {(r["state"], r["owner_task_id"]) for r in rows} == {("consumed", "gather")}
 
 
-def test_items_of_a_worker_that_fails_for_good_return_to_the_pool(airflow: Airflow, ledger_url: str) -> None:
+@pytest.mark.dag_runs([DAGS], [{"dag_id": "e2e_queue_final_failure"}])
+def test_items_of_a_worker_that_fails_for_good_return_to_the_pool(dag_runs: Result) -> None:
     """The first shard to run drains everything and fails with no retry left: its claims are
     released, and the other shard gets all of them."""
-    result = airflow.test([DAGS], [{"dag_id": "e2e_queue_final_failure"}], ledger_url)
+    result = dag_runs
     run = result.run
     states = run.states()
     assert sorted(states.values()) == ["failed", "success", "success"] and states["enqueue"] == "success", result.tail()
@@ -44,6 +45,6 @@ def test_items_of_a_worker_that_fails_for_good_return_to_the_pool(airflow: Airfl
     assert f"shard {1 - winner} claimed 40 item(s)" in run.log, result.tail()
     assert f"shard {winner} claimed 40 item(s)" in run.log, result.tail()
     assert "failed for good; released 40 claim(s)" in run.log
-    rows = ledger_rows(ledger_url)
+    rows = result.ledger_rows()
     assert len(rows) == 40
     assert {(r["state"], r["owner_task_id"], r["owner_map_index"]) for r in rows} == {("consumed", "work", winner)}

@@ -28,7 +28,9 @@ def e2e_backend_handoff_parent():
 
 
 def _ingest() -> int:
-    handle = get_current_context()["dag_run"].conf["batch"]
+    conf = get_current_context()["dag_run"].conf
+    assert conf is not None, "the child runs only when triggered with the parent's conf"
+    handle = conf["batch"]
     return ExclusiveXComBackend.claim_xcom(handle, "ingest_classic", dag_id="e2e_backend_handoff_parent")["rows"]
 
 
