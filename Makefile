@@ -3,7 +3,22 @@ PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 MYSQL_URL ?= mysql+pymysql://root@127.0.0.1:3306/test
 BENCH_ARGS = --pg-url '$(PG_URL)' --mysql-url '$(MYSQL_URL)'
 
-.PHONY: bench bench-full bench-deps
+.PHONY: test test-full lint bench bench-full bench-deps
+
+# The fast default run (no slow, no scheduler, e2e on the SQLite ledger only).
+test:
+	$(PYTHON) -m pytest
+
+# Every tier on every database, as CI runs it (two workers).
+test-full:
+	$(PYTHON) -m pytest -m "" -n 2 --dist loadgroup
+
+# The gates CI runs before the tests.
+lint:
+	ruff check .
+	ruff format --check .
+	mypy --strict exclusive_xcom
+	mypy tests benchmarks example_dags
 
 # The quick variant of every case (under 2 minutes); results in benchmarks/results/quick/.
 bench: bench-deps

@@ -30,8 +30,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = item.path.relative_to(root).parts[0]
         assert tier in TIERS, f"{item.nodeid}: tests live in one of the tier folders {TIERS}"
         item.add_marker(getattr(pytest.mark, tier))
-        callspec = getattr(item, "callspec", None)
-        kind = callspec.params.get("backend") if callspec else None
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        kind = params.get("backend", params.get("kind"))  # "kind": the database a driver-level case is about
         if kind in BACKENDS:
             item.add_marker(getattr(pytest.mark, kind))
 
