@@ -125,15 +125,15 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         args = _resolve_conf([self.op_args, self.op_kwargs], context)
         found = find_handles(args)
         session = open_session(context, found)
-        if found:
-            try:
-                values = session.claim(found, self.batch_size, self.max_items)
-            except Lost as lost:
-                log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
-                raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
-            args = replace_handles(args, values)
-        self.op_args, self.op_kwargs = args
-        try:
+        try:  # from the first claim on: whatever step fails, fail() keeps or releases what the try holds
+            if found:
+                try:
+                    values = session.claim(found, self.batch_size, self.max_items)
+                except Lost as lost:
+                    log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
+                    raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
+                args = replace_handles(args, values)
+            self.op_args, self.op_kwargs = args
             with session.kept_alive():
                 value = super().execute(context)
             if not self.consumers:

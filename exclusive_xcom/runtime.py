@@ -224,18 +224,27 @@ class Session:
             self.written.clear()
 
     def fail(self, final: bool) -> None:
-        """Keep claims for the retry; give them back when no retry will come."""
-        if not self.ids:
-            return
+        """Keep claims for the retry; give them back when no retry will come.
+
+        A final failure releases everything this try holds of its inputs, not only the
+        claims it knows of: it may have failed in any step (a later batch of a drain, a
+        claim whose reply was lost), and what it holds would otherwise wait for its lease.
+        """
+        if not self.inputs:
+            return  # it never asked for anything
         if not final:
-            log.info("exclusive_xcom: %s keeps %d claim(s) for its retry", self.claimant, len(self.ids))
+            if self.ids:
+                log.info("exclusive_xcom: %s keeps %d claim(s) for its retry", self.claimant, len(self.ids))
             return
         try:
-            released = self.env.ledger.release(self.claimant, self.ids)
-            log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
-            metrics.released(released, dag_id=self.claimant.dag_id, task_id=self.claimant.task_id)
+            outputs = list(dict.fromkeys((h.output, h.generation) for h in self.inputs))
+            released = self.env.ledger.release_held(self.claimant, outputs)
         except Exception as exc:  # the lease frees them anyway; do not mask the task's own error
             log.warning("exclusive_xcom: could not release claims (their lease will expire): %s", exc)
+            return
+        if released or self.ids:
+            log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
+            metrics.released(released, dag_id=self.claimant.dag_id, task_id=self.claimant.task_id)
 
     def _ref(self, productions: Sequence[Production] = ()) -> ItemRef:
         """Whom an error of this session names: its first input, else its own output."""

@@ -482,6 +482,16 @@ class Ledger:
         stmt = q.release(ids, claimant.identity, claimant.try_number)
         return self._run(lambda conn: conn.execute(*stmt).rowcount)
 
+    def release_held(self, claimant: Claimant, outputs: Sequence[tuple[Output, int]]) -> int:
+        """Give back everything this try holds of these (output, generation) pairs, in one
+        transaction: the claims it knows of and any whose reply it never got."""
+
+        def tx(conn: sa.Connection) -> int:
+            held = (q.release_held(o.output_id, gen, claimant.identity, claimant.try_number) for o, gen in outputs)
+            return sum(conn.execute(*stmt).rowcount for stmt in held)
+
+        return self._run(tx)
+
     def release_any(self, ids: Sequence[int]) -> int:
         """Free stuck claims whoever holds them (an operator's decision, CLI ``release``)."""
         return self._run(lambda conn: conn.execute(q.release_any(ids)).rowcount)

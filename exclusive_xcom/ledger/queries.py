@@ -387,6 +387,23 @@ _UNCLAIMED = {
     "lease_expires_at": None,
 }
 _RELEASE = sa.update(item).where(_HELD).values(**_UNCLAIMED)
+_RELEASE_HELD = (
+    sa.update(item)
+    .where(
+        item.c.output_id == _P("p_output"),
+        item.c.generation == _P("p_gen"),
+        item.c.state == _CLAIMED,
+        _OWNER_IS,
+        item.c.owner_try == _P("o_try"),
+    )
+    .values(**_UNCLAIMED)
+)
+
+
+def release_held(output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int) -> Bound:
+    """Give back every row of one output this try holds, whether it knows their ids or not
+    (a drain that died between batches, a claim whose reply was lost): the try failed for good."""
+    return _RELEASE_HELD, {"p_output": output_id, "p_gen": generation, **_owner(owner, try_number)}
 
 
 def unconsumed_uris(output_id: str) -> sa.Select[str]:

@@ -48,3 +48,19 @@ def test_items_of_a_worker_that_fails_for_good_return_to_the_pool(dag_runs: Resu
     rows = result.ledger_rows()
     assert len(rows) == 40
     assert {(r["state"], r["owner_task_id"], r["owner_map_index"]) for r in rows} == {("consumed", "work", winner)}
+
+
+@pytest.mark.dag_runs([TEST_DAGS / "queue_spoiled.py"], [{"dag_id": "e2e_queue_spoiled"}])
+def test_a_worker_that_fails_for_good_in_a_later_batch_releases_every_batch(dag_runs: Result) -> None:
+    """Item 35 cannot be read: each shard holds 40 items when its fourth batch fails, and has
+    no retry; the first must release them all for the second to meet them, then so must it."""
+    result = dag_runs
+    run = result.run
+    assert run.states() == {"enqueue": "success", "spoil": "success", "work[0]": "failed", "work[1]": "failed"}, (
+        result.tail()
+    )
+    assert run.log.count("failed for good; released 40 claim(s)") == 2, result.tail()
+    rows = result.ledger_rows()
+    assert len(rows) == 40
+    held = [(r["seq"], r["owner_task_id"], r["owner_map_index"]) for r in rows if r["state"] != "ready"]
+    assert held == [], f"a try that failed for good still holds {len(held)} item(s): {held[:5]}"

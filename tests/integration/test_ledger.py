@@ -36,7 +36,7 @@ from exclusive_xcom.ledger import (
 from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SCHEMA_VERSION
 from tests.conftest import FakeClock
-from tests.integration.conftest import DAG, OTHER, RUN, inline, production, request, rows, slot, who
+from tests.integration.conftest import DAG, EXTRACT, OTHER, RUN, inline, production, request, rows, slot, who
 
 LEASE = 60.0
 TRANSFORM = Output(DAG, RUN, "transform")
@@ -703,3 +703,22 @@ def test_a_finish_that_lost_some_of_its_claims_consumes_none(ledger: Ledger) -> 
     ledger.finish(me, mine[1:])
     ledger.finish(other, taken)
     assert ledger.counts() == {CONSUMED: 2, READY: 1}
+
+
+def test_release_held_gives_back_all_this_try_holds_known_or_not_and_nothing_else(ledger: Ledger) -> None:
+    """A try that failed for good may not know every claim it holds (a drain that died between
+    batches, a claim whose reply was lost): it releases by owner, for the outputs it asked for."""
+    produce(ledger, ITEMS, ["load"], [b"%d" % i for i in range(10)])
+    produce(ledger, ITEMS, ["load"], [b"o%d" % i for i in range(3)], output=OTHER)
+    first = claim(ledger, who("load", map_index=0), request(ITEMS, ["load"], limit=3))
+    unknown = claim(ledger, who("load", map_index=0), request(ITEMS, ["load"], limit=3))  # its reply "lost"
+    other_output = claim(ledger, who("load", map_index=0), request(ITEMS, ["load"], output=OTHER, limit=1))
+    sibling = claim(ledger, who("load", map_index=1), request(ITEMS, ["load"], limit=2))
+    assert len(first.ids) == len(unknown.ids) == 3 and len(sibling.ids) == 2 and len(other_output.ids) == 1
+
+    assert ledger.release_held(who("load", map_index=0, try_number=2), [(EXTRACT, 1)]) == 0  # not that try's
+    assert ledger.release_held(who("load", map_index=0), [(EXTRACT, 1)]) == 6
+    states = {i: r["state"] for i, r in rows(ledger).items()}
+    assert [states[i] for i in first.ids + unknown.ids] == [READY] * 6
+    assert [states[i] for i in sibling.ids + other_output.ids] == [CLAIMED] * 3, "only its own, only that output"
+    assert held_by(ledger) == {("load", 1, 1), ("load", 0, 1)}

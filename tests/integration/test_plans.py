@@ -96,6 +96,7 @@ def _statements(dialect: str) -> dict[str, Any]:
         "mark_consumed": q.mark_consumed(ids, OWNER, 1, NOW, ti_key),
         "extend_lease": q.extend_lease(ids, OWNER, 1, lease),
         "release": q.release(ids, OWNER, 1),
+        "release_held": q.release_held(LIVE.output_id, 1, OWNER, 1),
         "replace_unconsumed": q.replace_unconsumed(LIVE.output_id),
         "next_id": q.next_id(0),
         "purge_window": q.purge_window(purgeable, 1, 1000),
