@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,3 +153,67 @@ def new_airflow_home(home: Path, template_db: Path, dag_files: Sequence[Path] = 
     for source in dag_files:
         shutil.copyfile(source, home / "dags" / source.name)
     return home
+
+
+# -- a PostgreSQL server of the tests' own -------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the tests' own, to restart and crash at will.
+
+    ``initdb`` into a new folder, served on a free port of 127.0.0.1 (trust, user
+    ``postgres``); :meth:`remove` stops it and deletes every file. The shared server is
+    never touched. PostgreSQL refuses to run as root, so under root the cluster belongs to
+    the ``postgres`` user and every command runs as that user.
+    """
+
+    def __init__(self) -> None:
+        self.bindir = Path(
+            subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+        )
+        self.root = Path(tempfile.mkdtemp(prefix="exx_pg_"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", timeout=120)
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """The server's ``postgres`` database (create test databases with :func:`create_database`)."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
+        self._pg("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "start")
+
+    def restart(self) -> None:
+        """A clean restart (``-m fast``): sessions are cut, committed work stays."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.start()
+
+    def crash(self) -> None:
+        """Stop without a checkpoint (``-m immediate``), then start: the server recovers from its WAL."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self.start()
+
+    def remove(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _pg(self, tool: str, *args: str, timeout: float = 60, check: bool = True) -> None:
+        command = [str(self.bindir / tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-2000:]}")

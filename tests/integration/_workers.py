@@ -197,7 +197,8 @@ def _rows(ledger: Ledger, ids: list[int]) -> list[Any]:
 
 def produce_then_die(url: str, total: int, signal_at: int, reached: Any, out: Any) -> None:
     """Write ``total`` items in one production; set ``reached`` after ``signal_at`` of them
-    have been handed to the ledger (the parent SIGKILLs this process then)."""
+    have been handed to the ledger (the parent then SIGKILLs this process, or restarts the
+    server under it: that is reported as ``unavailable``)."""
 
     def payloads() -> Iterator[bytes]:
         for n in range(total):
@@ -207,7 +208,11 @@ def produce_then_die(url: str, total: int, signal_at: int, reached: Any, out: An
 
     def body() -> None:
         ledger = Ledger(create_engine(url))
-        written = ledger.produce(Production(POOL, 1, ITEMS, SLOTS, payloads()))
+        try:
+            written = ledger.produce(Production(POOL, 1, ITEMS, SLOTS, payloads()))
+        except LedgerUnavailableError as exc:
+            out.put({"event": "unavailable", "error": str(exc)})
+            return
         out.put({"event": "done", "written": written})
 
     _guarded(out, body)

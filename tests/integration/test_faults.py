@@ -1,5 +1,7 @@
 """Fault injection: killed and frozen workers, dropped connections, producers that die half-way,
-and two tries of one task instance at once. Nothing is lost, nothing is read twice.
+two tries of one task instance at once, and real restarts and crashes of a PostgreSQL server
+of the tests' own (``tests.support.PrivatePostgres``: ``initdb`` on a free port, removed
+afterwards; the shared server is never restarted). Nothing is lost, nothing is read twice.
 
 Every process here is a real OS process started with ``spawn`` (its own interpreter, engine
 and connection pool; see ``_workers.py``), killed with real signals. After each scenario two
@@ -26,10 +28,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production
+from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, create_engine
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
 from tests.integration.conftest import kill_session, server_sessions
-from tests.support import SERVERS, admin_engine
+from tests.support import SERVERS, PrivatePostgres, admin_engine, create_database
 
 from . import _workers as w
 
@@ -607,3 +609,101 @@ def test_a_finish_whose_commit_acknowledgement_is_lost_is_recognised_as_done(led
         sa.event.remove(ledger.engine, "after_cursor_execute", autocommitted_then_lose_the_ack_once)
     assert lost, "the fault was not injected"
     assert ledger.counts() == {CONSUMED: 3}
+
+
+# -- 5. real restarts and crashes of a server of the tests' own -----------------------------------
+
+RESTART_POOL = 20_000
+RESTART_BATCH = 25
+RESTARTS = 8  # alternately clean (-m fast) and crashed (-m immediate, WAL recovery)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own (never the shared server), removed afterwards."""
+    server = PrivatePostgres()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def _bounce(server: PrivatePostgres, n: int) -> str:
+    """Restart ``server`` cleanly on even ``n``, crash it on odd ``n``; which it was."""
+    if n % 2:
+        server.crash()
+        return "crash"
+    server.restart()
+    return "restart"
+
+
+def _count(url: str, where: str = "1 = 1") -> int:
+    """Rows of the item table, read through a connection of its own (the server may have restarted)."""
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM exclusive_xcom_item WHERE {where}")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_real_restarts_and_crashes_while_workers_drain(private_pg: PrivatePostgres, children: Children) -> None:
+    started = time.monotonic()
+    url = create_database(private_pg.url)
+    ledger = Ledger(create_engine(url), lease_seconds=OUTAGE_LEASE)
+    ledger.migrate()
+    expected = _produce(ledger, RESTART_POOL)
+    ledger.engine.dispose()
+    start = CTX.Event()
+    workers = [
+        children.start(w.drain_through_outages, url, i, RESTART_BATCH, OUTAGE_LEASE, start)
+        for i in range(OUTAGE_WORKERS)
+    ]
+    start.set()
+    bounced: list[tuple[str, int]] = []  # (how, items still unconsumed just before): all mid-drain
+    rng = random.Random(11)
+    while len(bounced) < RESTARTS and (left := _count(url, "state <> 'consumed'")):
+        time.sleep(rng.uniform(0.2, 0.6))
+        bounced.append((_bounce(private_pg, len(bounced)), left))
+    reports = [worker.expect("done", timeout=120) for worker in workers]
+
+    unavailable = sum(r["unavailable"] for r in reports)
+    assert len(bounced) >= 2 and unavailable > 0, f"the restarts never hit the drain: {bounced}"
+    reported = [(i, p) for r in reports for i, p, _ in r["consumed"]]
+    _assert_exactly_once(ledger, reported, expected)  # every item once; nothing left claimed or ready
+    ledger.engine.dispose()
+    _report(
+        "server restarted and crashed during the drain",
+        "private postgres",
+        time.monotonic() - started,
+        items=RESTART_POOL,
+        workers=OUTAGE_WORKERS,
+        restarts=sum(how == "restart" for how, _ in bounced),
+        crashes=sum(how == "crash" for how, _ in bounced),
+        unavailable_errors=unavailable,
+        ambiguous_commits=sum(r["ambiguous_commits"] for r in reports),
+        tries=[r["tries"] for r in reports],
+        per_worker=[len(r["consumed"]) for r in reports],
+    )
+
+
+@pytest.mark.slow
+def test_a_producer_cut_off_by_a_restart_or_a_crash_writes_nothing(
+    private_pg: PrivatePostgres, children: Children
+) -> None:
+    url = create_database(private_pg.url)
+    ledger = Ledger(create_engine(url))
+    ledger.migrate()
+    ledger.engine.dispose()
+    for n in range(2):  # a clean restart, then a crash
+        reached = CTX.Event()
+        producer = children.start(w.produce_then_die, url, KILLED_TOTAL, KILLED_AT, reached)
+        assert reached.wait(timeout=60), "the producer never got that far"
+        how = _bounce(private_pg, n)
+        report = producer.expect("unavailable", timeout=60)
+        assert "the claim ledger at" in report["error"], report
+        assert _count(url) == 0, f"a producer cut off by a {how} left part of its output"
+    expected = _produce(ledger, 10)  # the table is not left broken: the producer's retry writes, and is drained
+    _assert_exactly_once(ledger, list(_drain(ledger, w.claimant(0, 1)).items()), expected)
+    ledger.engine.dispose()
