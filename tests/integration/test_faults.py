@@ -648,6 +648,7 @@ def _count(url: str, where: str = "1 = 1") -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres  # a server of its own, not the shared one
 def test_real_restarts_and_crashes_while_workers_drain(private_pg: PrivatePostgres, children: Children) -> None:
     started = time.monotonic()
     url = create_database(private_pg.url)
@@ -689,6 +690,7 @@ def test_real_restarts_and_crashes_while_workers_drain(private_pg: PrivatePostgr
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_a_producer_cut_off_by_a_restart_or_a_crash_writes_nothing(
     private_pg: PrivatePostgres, children: Children
 ) -> None:
