@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,14 @@ class ExclusiveXComError(Exception):
 
     def __init__(self, message: str | None = None, ref: ItemRef | None = None) -> None:
         text = message or (self.__doc__ or "").strip()
+        self.detail = text  # the message without the [dag=… consumer=…] part
         if ref is not None:
             text = f"{text} [{ref.describe()}]"
         super().__init__(text)
         self.ref = ref
+
+
+_E = TypeVar("_E", bound="ExclusiveXComError")
 
 
 @contextmanager
@@ -51,6 +56,14 @@ def named(ref: ItemRef) -> Iterator[None]:
         if exc.ref is not None:
             raise
         raise type(exc)(str(exc), ref) from exc
+
+
+def amended(exc: _E, note: str) -> _E:
+    """``exc`` again, same class and attributes, with ``note`` added to what it says
+    (before the ``[dag=… consumer=…]`` part): what the layer above knows and the one below did not."""
+    again = type(exc)(f"{exc.detail}; {note}", exc.ref)
+    again.__dict__.update({k: v for k, v in vars(exc).items() if k not in ("detail", "ref")})
+    return again
 
 
 class NotAuthorizedError(ExclusiveXComError):
@@ -66,7 +79,9 @@ class ClaimConflictError(ExclusiveXComError):
 
 
 class LedgerUnavailableError(ExclusiveXComError):
-    """The claim ledger database cannot be reached; nothing was claimed or consumed."""
+    """The claim ledger database cannot be reached; the message says what is known of the step that failed."""
+
+    maybe_committed = False  # True when the connection failed while the step committed
 
 
 class PayloadError(ExclusiveXComError):

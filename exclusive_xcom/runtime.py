@@ -22,7 +22,7 @@ from exclusive_xcom import handle as handles
 from exclusive_xcom import metrics
 from exclusive_xcom.config import Settings, get_ledger, keyring, load_settings
 from exclusive_xcom.crypto import Keyring
-from exclusive_xcom.errors import ItemRef, LedgerUnavailableError, PayloadError, named
+from exclusive_xcom.errors import ExclusiveXComError, ItemRef, LedgerUnavailableError, PayloadError, amended, named
 from exclusive_xcom.handle import Handle
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, ClaimResult, Ledger, Offloaded, Output, Production
 from exclusive_xcom.ledger.ledger import Stored
@@ -114,14 +114,27 @@ class Session:
         parsed = [handles.parse(h, self.env.keyring, self.claimant.slot) for h in found]
         self.inputs.extend(parsed)
         first = min(batch_size, max_items) if max_items else batch_size
-        result = self._claim([h.request(first) for h in parsed])
-        if result.lost:
-            raise Lost(result.lost)
-        values = [self._values(h, c.payloads) for h, c in zip(parsed, result.claims, strict=True)]
-        for h, claimed, value in zip(parsed, result.claims, values, strict=True):
-            if h.mode == ITEMS and len(claimed.ids) == first:
-                value.extend(self._drain(h, batch_size, (max_items or 0) - len(claimed.ids)))
+        try:
+            result = self._claim([h.request(first) for h in parsed])
+            if result.lost:
+                raise Lost(result.lost)
+            values = [self._values(h, c.payloads) for h, c in zip(parsed, result.claims, strict=True)]
+            for h, claimed, value in zip(parsed, result.claims, values, strict=True):
+                if h.mode == ITEMS and len(claimed.ids) == first:
+                    value.extend(self._drain(h, batch_size, (max_items or 0) - len(claimed.ids)))
+        except ExclusiveXComError as exc:
+            raise amended(exc, self._holding(exc)) from (exc.__cause__ or exc)
         return values
+
+    def _holding(self, exc: ExclusiveXComError) -> str:
+        """What this try holds when a claim failed, and what becomes of it."""
+        maybe = isinstance(exc, LedgerUnavailableError) and exc.maybe_committed
+        if not self.ids and not maybe:
+            return "this try holds no items"
+        held = _describe_ids(self.ids) if self.ids else "no items"
+        if maybe:
+            held += " (and the items of the claim that failed, if it took effect)"
+        return f"this try holds {held}: its retry takes them back first; if it fails for good, they are released"
 
     def _drain(self, h: Handle, batch_size: int, remaining: int) -> list[Any]:
         """Keep claiming batches of a work queue until it is empty (or the cap is reached)."""

@@ -53,6 +53,8 @@ INSERT_CHUNK = 1000
 #: zombie try act again, so only task instances quiet for this long lose theirs.
 FENCE_RETENTION = timedelta(days=7)
 _T = TypeVar("_T")
+ROLLED_BACK = "this step changed nothing (it never reached its commit)"
+UNKNOWN_OUTCOME = "the connection failed while this step committed, so whether it took effect is unknown"
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,7 @@ class Ledger:
         except LedgerUnavailableError as exc:
             # The connection may have dropped after the server committed (a lost COMMIT
             # acknowledgement): look again before reporting a failure that did not happen.
-            if not self._finished(claimant, ids, productions, exc):
+            if not exc.maybe_committed or not self._finished(claimant, ids, productions, exc):
                 raise
             return []  # a blob left behind is swept by purge
 
@@ -355,11 +357,17 @@ class Ledger:
                 stmt = q.count_output(out.output.output_id, out.generation)
                 return bool(self._run(lambda conn: conn.execute(stmt).scalar_one()))
         except LedgerUnavailableError:
-            raise LedgerUnavailableError(
-                f"{exc}; whether this finish committed is unknown, as the ledger stayed unreachable: its "
-                "items are either still held by this try (a retry takes them back) or consumed by it",
-                exc.ref,
-            ) from exc.__cause__
+            if ids:
+                known = (
+                    "whether this finish committed is unknown, as the ledger stayed unreachable: its inputs are "
+                    "either consumed by this try or still held by it (its retry takes them back first)"
+                )
+            else:
+                known = (
+                    "whether this output was written is unknown, as the ledger stayed unreachable: a retry "
+                    "writes it again, replacing this write if it did commit and nobody has consumed it"
+                )
+            raise LedgerUnavailableError(self.failed(exc.__cause__ or exc, known), exc.ref) from exc.__cause__
         return False
 
     def _not_held(self, claimant: Claimant, ids: Sequence[int], count: int) -> ClaimConflictError:
@@ -606,31 +614,39 @@ class Ledger:
 
     def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None, *, autocommit: bool = False) -> _T:
         """Run ``tx`` in one transaction (or, ``autocommit``, each statement in its own);
-        retry deadlocks, translate driver errors."""
+        retry deadlocks, translate driver errors, saying whether the work may have taken effect."""
         for attempt in range(3):
+            sent = False  # whether a COMMIT (or an autocommitted statement) may have reached the server
             try:
                 if autocommit and self._autocommit is not None:
                     with self._autocommit.connect() as conn:
+                        sent = True
                         return tx(conn)
                 with self.engine.begin() as conn:
-                    return tx(conn)
+                    result = tx(conn)
+                    sent = True  # leaving the block commits
+                return result
             except sa.exc.DBAPIError as exc:
                 if _is_deadlock(exc) and attempt < 2:
                     time.sleep(0.05 * (attempt + 1))
                     continue
                 if isinstance(exc, sa.exc.IntegrityError | sa.exc.ProgrammingError | sa.exc.DataError):
                     raise
-                raise LedgerUnavailableError(
-                    f"the claim ledger at {_safe_url(self.engine)} failed: {_first_line(exc.orig)}; "
-                    "nothing was claimed, consumed or written",
-                    ref,
-                ) from exc
+                error = LedgerUnavailableError(self.failed(exc, UNKNOWN_OUTCOME if sent else ROLLED_BACK), ref)
+                error.maybe_committed = sent
+                raise error from exc
             except sa.exc.TimeoutError as exc:
                 raise LedgerUnavailableError(
-                    f"no connection to the claim ledger at {_safe_url(self.engine)} within the pool timeout",
+                    f"no connection to the claim ledger at {_safe_url(self.engine)} within the pool timeout; "
+                    f"{ROLLED_BACK}",
                     ref,
                 ) from exc
         raise AssertionError("unreachable")
+
+    def failed(self, exc: BaseException, outcome: str) -> str:
+        """The message of a driver error: which ledger (no password), what failed, what is known."""
+        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        return f"the claim ledger at {_safe_url(self.engine)} failed: {_first_line(cause)}; {outcome}"
 
 
 # -- transaction bodies ---------------------------------------------------------------------

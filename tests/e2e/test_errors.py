@@ -132,6 +132,6 @@ def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(dag_
     kind, message = final_exception(run.log)
     assert kind == "exclusive_xcom.errors.LedgerUnavailableError", (kind, message, result.tail())
     assert NOWHERE in message
-    assert "nothing was claimed, consumed or written" in message
+    assert "this step changed nothing (it never reached its commit)" in message
     assert "[dag='exclusive_etl' run=" in message and "producer='extract' key='return_value'" in message
     assert run.xcoms("extract") == []

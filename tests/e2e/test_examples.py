@@ -170,4 +170,5 @@ def test_handoff_to_another_dag_is_read_once_and_a_replay_is_refused(dag_runs: R
     )
     assert expected in replay.log, replay.log[-4000:]
     assert f"already consumed by {child}/{first.run_id}/ingest" in replay.log
+    assert "; this try holds no items [dag=" in replay.log, "the error says what the failed try holds"
     assert result.ledger_rows() == [row], "the refused replay changed nothing"

@@ -22,12 +22,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from exclusive_xcom.errors import LedgerUnavailableError
 from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, create_engine
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
 from tests.integration.conftest import kill_session, server_sessions
@@ -609,6 +611,76 @@ def test_a_finish_whose_commit_acknowledgement_is_lost_is_recognised_as_done(led
         sa.event.remove(ledger.engine, "after_cursor_execute", autocommitted_then_lose_the_ack_once)
     assert lost, "the fault was not injected"
     assert ledger.counts() == {CONSUMED: 3}
+
+
+@contextmanager
+def _ack_and_server_lost(ledger: Ledger) -> Iterator[list[bool]]:
+    """The next commit reaches the server, then the connection drops and no new one can be made."""
+    dialect, engine = ledger.engine.dialect, ledger.engine
+    commit = dialect.do_commit
+    committed: list[bool] = []
+
+    def vanish() -> None:
+        committed.append(True)
+        sa.event.listen(engine, "checkout", gone)
+        sa.event.listen(engine, "do_connect", refuse)
+        raise dialect.loaded_dbapi.OperationalError("server closed the connection unexpectedly")
+
+    def gone(*_: Any) -> None:  # every pooled connection is dead: the pool connects anew ...
+        raise sa.exc.DisconnectionError("the server went away")
+
+    def refuse(*_: Any) -> None:  # ... and cannot
+        raise dialect.loaded_dbapi.OperationalError("connection refused")
+
+    def commit_then_vanish(dbapi_connection: sa.PoolProxiedConnection) -> None:
+        commit(dbapi_connection)
+        if not committed:
+            vanish()
+
+    def autocommitted_then_vanish(conn: sa.Connection, *_: Any) -> None:
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" and not committed:
+            vanish()
+
+    dialect.do_commit = commit_then_vanish  # type: ignore[method-assign]
+    sa.event.listen(engine, "after_cursor_execute", autocommitted_then_vanish)
+    try:
+        yield committed
+    finally:
+        dialect.do_commit = commit  # type: ignore[method-assign]
+        sa.event.remove(engine, "after_cursor_execute", autocommitted_then_vanish)
+        for name, listener in (("checkout", gone), ("do_connect", refuse)):
+            if sa.event.contains(engine, name, listener):
+                sa.event.remove(engine, name, listener)
+
+
+def test_a_finish_whose_outcome_cannot_be_checked_says_what_is_known(ledger: Ledger) -> None:
+    """A consumer's finish commits, the reply is lost and the server stays away: the error says
+    the outcome is unknown and what the retry will find, never that nothing changed."""
+    _produce(ledger, 3)
+    me = Claimant(w.DAG, w.RUN, "drain", 0, 1)
+    ledger.enter(me)
+    held = ledger.claim(me, [w.request(limit=10)]).ids
+    with _ack_and_server_lost(ledger) as committed, pytest.raises(LedgerUnavailableError) as info:
+        ledger.finish(me, held)
+    assert committed, "the fault was not injected"
+    message = str(info.value)
+    assert "whether this finish committed is unknown, as the ledger stayed unreachable" in message, message
+    assert "either consumed by this try or still held by it (its retry takes them back first)" in message
+    assert "changed nothing" not in message and "written" not in message, message
+    assert ledger.counts() == {CONSUMED: 3}, "it had committed after all"
+
+
+def test_a_producer_finish_of_unknown_outcome_says_what_a_retry_does(ledger: Ledger) -> None:
+    me = Claimant(w.DAG, w.RUN, "enqueue", -1, 1)
+    ledger.enter(me)
+    out = Production(Output(w.DAG, w.RUN, "enqueue"), 1, ITEMS, w.SLOTS, [b"a", b"b"])
+    with _ack_and_server_lost(ledger) as committed, pytest.raises(LedgerUnavailableError) as info:
+        ledger.finish(me, [], [out])
+    assert committed, "the fault was not injected"
+    message = str(info.value)
+    assert "whether this output was written is unknown, as the ledger stayed unreachable" in message, message
+    assert "a retry writes it again" in message and "held by" not in message, message
+    assert ledger.counts() == {READY: 2}
 
 
 # -- 5. real restarts and crashes of a server of the tests' own -----------------------------------
