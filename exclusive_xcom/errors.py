@@ -55,13 +55,18 @@ def named(ref: ItemRef) -> Iterator[None]:
     except ExclusiveXComError as exc:
         if exc.ref is not None:
             raise
-        raise type(exc)(str(exc), ref) from exc
+        raise _again(exc, exc.detail, ref) from exc
 
 
 def amended(exc: _E, note: str) -> _E:
-    """``exc`` again, same class and attributes, with ``note`` added to what it says
-    (before the ``[dag=… consumer=…]`` part): what the layer above knows and the one below did not."""
-    again = type(exc)(f"{exc.detail}; {note}", exc.ref)
+    """``exc`` again with ``note`` added to what it says (before the ``[dag=… consumer=…]``
+    part): what the layer above knows and the one below did not."""
+    return _again(exc, f"{exc.detail}; {note}", exc.ref)
+
+
+def _again(exc: _E, message: str, ref: ItemRef | None) -> _E:
+    """A copy of ``exc`` (same class, same attributes) saying ``message`` about ``ref``."""
+    again = type(exc)(message, ref)
     again.__dict__.update({k: v for k, v in vars(exc).items() if k not in ("detail", "ref")})
     return again
 

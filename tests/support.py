@@ -164,6 +164,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _postgres_bindir() -> Path:
+    """Where this machine's PostgreSQL server programs are: Debian's newest version, else pg_config's."""
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if installed:
+        return installed[-1].parent
+    found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout
+    return Path(found.strip())
+
+
 class PrivatePostgres:
     """A PostgreSQL cluster of the tests' own, to restart and crash at will.
 
@@ -174,9 +183,7 @@ class PrivatePostgres:
     """
 
     def __init__(self) -> None:
-        self.bindir = Path(
-            subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
-        )
+        self.bindir = _postgres_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="exx_pg_"))
         self.data = self.root / "data"
         self.port = free_port()

@@ -353,6 +353,7 @@ def test_connections_killed_over_and_over_while_workers_drain(
         killer.halt.set()
         killer.join(timeout=JOIN)
     assert killer.error is None, f"the killer failed: {killer.error!r}"
+    ledger.engine.dispose()  # the killer cut this process's idle connections too
 
     unavailable = sum(r["unavailable"] for r in reports)
     assert killer.killed > 0 and unavailable > 0, "the outages never hit a worker: the test proved nothing"
