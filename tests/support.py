@@ -177,7 +177,8 @@ class PrivatePostgres:
     """A PostgreSQL cluster of the tests' own, to restart and crash at will.
 
     ``initdb`` into a new folder, served on a free port of 127.0.0.1 (trust, user
-    ``postgres``); :meth:`remove` stops it and deletes every file. The shared server is
+    ``postgres``) for the length of a ``with`` block, which then stops it and deletes
+    every file (:meth:`remove`). The shared server is
     never touched. PostgreSQL refuses to run as root, so under root the cluster belongs to
     the ``postgres`` user and every command runs as that user.
     """
@@ -190,8 +191,18 @@ class PrivatePostgres:
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
-        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", timeout=120)
-        self.start()
+
+    def __enter__(self) -> PrivatePostgres:
+        try:
+            self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", timeout=120)
+            self.start()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.remove()
 
     @property
     def url(self) -> str:

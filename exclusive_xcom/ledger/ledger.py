@@ -367,7 +367,7 @@ class Ledger:
                     "whether this output was written is unknown, as the ledger stayed unreachable: a retry "
                     "writes it again, replacing this write if it did commit and nobody has consumed it"
                 )
-            raise LedgerUnavailableError(self.failed(exc.__cause__ or exc, known), exc.ref) from exc.__cause__
+            raise LedgerUnavailableError(self._failure(exc.__cause__ or exc, known), exc.ref) from exc.__cause__
         return False
 
     def _not_held(self, claimant: Claimant, ids: Sequence[int], count: int) -> ClaimConflictError:
@@ -632,7 +632,7 @@ class Ledger:
                     continue
                 if isinstance(exc, sa.exc.IntegrityError | sa.exc.ProgrammingError | sa.exc.DataError):
                     raise
-                error = LedgerUnavailableError(self.failed(exc, UNKNOWN_OUTCOME if sent else ROLLED_BACK), ref)
+                error = LedgerUnavailableError(self._failure(exc, UNKNOWN_OUTCOME if sent else ROLLED_BACK), ref)
                 error.maybe_committed = sent
                 raise error from exc
             except sa.exc.TimeoutError as exc:
@@ -643,7 +643,7 @@ class Ledger:
                 ) from exc
         raise AssertionError("unreachable")
 
-    def failed(self, exc: BaseException, outcome: str) -> str:
+    def _failure(self, exc: BaseException, outcome: str) -> str:
         """The message of a driver error: which ledger (no password), what failed, what is known."""
         cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
         return f"the claim ledger at {_safe_url(self.engine)} failed: {_first_line(cause)}; {outcome}"

@@ -188,6 +188,10 @@ class Plan:
         assert profile in PROFILES, f"{item.nodeid}: unknown profile {profile!r}; known: {sorted(PROFILES)}"
         return cls(tuple(files), tuple(runs), tuple(sorted(mark.kwargs.get("env", {}).items())), profile)
 
+    def batch(self, item: pytest.Item) -> str:
+        """The name of the Airflow process ``item`` shares (also its pytest-xdist group)."""
+        return f"e2e-{backend_of(item)}-{self.profile}"
+
 
 def backend_of(item: pytest.Item) -> str:
     callspec = getattr(item, "callspec", None)
@@ -198,7 +202,7 @@ def backend_of(item: pytest.Item) -> str:
 def batch_of(item: pytest.Item) -> str | None:
     """The name of the Airflow process ``item`` shares (also its pytest-xdist group), or None."""
     plan = Plan.of(item)
-    return f"e2e-{backend_of(item)}-{plan.profile}" if plan else None
+    return plan.batch(item) if plan else None
 
 
 class Batches:
@@ -231,7 +235,7 @@ class Batches:
 
     def _run(self, batch: str) -> None:
         """Every selected test of ``batch`` gets its ledger and folder; their runs go in one process."""
-        members = [(item, plan) for item in self.items if (plan := Plan.of(item)) and batch_of(item) == batch]
+        members = [(item, plan) for item in self.items if (plan := Plan.of(item)) and plan.batch(item) == batch]
         home = new_airflow_home(self.root / batch, self.template_db)
         files: dict[str, Path] = {}
         runs: list[dict[str, Any]] = []

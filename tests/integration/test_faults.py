@@ -29,9 +29,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from exclusive_xcom.config import Settings
+from exclusive_xcom.crypto import keyring_from
 from exclusive_xcom.errors import LedgerUnavailableError
+from exclusive_xcom.handle import Handle
 from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, create_engine
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
+from exclusive_xcom.payload import Codec
+from exclusive_xcom.runtime import Env, Session
 from tests.integration.conftest import kill_session, server_sessions
 from tests.support import SERVERS, PrivatePostgres, admin_engine, create_database
 
@@ -684,6 +689,26 @@ def test_a_producer_finish_of_unknown_outcome_says_what_a_retry_does(ledger: Led
     assert ledger.counts() == {READY: 2}
 
 
+def test_a_claim_of_unknown_outcome_says_the_try_may_hold_its_items(ledger: Ledger, ledger_url: str) -> None:
+    """The claim reaches the server, the reply does not, the server stays away: the task's
+    error cannot say "nothing was claimed"; it says what the try may hold and what becomes of it."""
+    _produce(ledger, 5)
+    keys = keyring_from("k1", "")
+    session = Session(w.claimant(0, 1), Env(Settings(ledger_url), ledger, keys, Codec(keys, 1 << 20)))
+    ledger.enter(session.claimant)
+    handle = Handle(w.POOL, 1, ITEMS, w.SLOTS).to_xcom(keys)
+    with _ack_and_server_lost(ledger) as committed, pytest.raises(LedgerUnavailableError) as info:
+        session.claim([handle], batch_size=10, max_items=None)
+    assert committed, "the fault was not injected"
+    message = str(info.value)
+    assert "whether it took effect is unknown" in message, message
+    assert (
+        "this try holds no items (and the items of the claim that failed, if it took effect): "
+        "its retry takes them back first; if it fails for good, they are released [dag="
+    ) in message, message
+    assert info.value.maybe_committed and isinstance(info.value.__cause__, sa.exc.DBAPIError)
+
+
 # -- 5. real restarts and crashes of a server of the tests' own -----------------------------------
 
 RESTART_POOL = 20_000
@@ -694,11 +719,8 @@ RESTARTS = 8  # alternately clean (-m fast) and crashed (-m immediate, WAL recov
 @pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this test's own (never the shared server), removed afterwards."""
-    server = PrivatePostgres()
-    try:
+    with PrivatePostgres() as server:
         yield server
-    finally:
-        server.remove()
 
 
 def _bounce(server: PrivatePostgres, n: int) -> str:
