@@ -226,10 +226,11 @@ def _statement_texts() -> dict[str, str]:
         "claim (PostgreSQL, one statement)": q.claim_ready_now(
             "<output>", 1, None, "[]", c.identity, 1, now, now, c.ti_key, 1
         ),
-        "finish (PostgreSQL, one statement)": q.consume_all_now([1], c.identity, 1, now, c.ti_key),
+        "finish (PostgreSQL, one statement)": q.consume_all_now([1], c.identity, 1, now, c.ti_key, "<inputs>"),
         "claim, general path: lock_ready": q.lock_ready("<output>", 1, 1),
         "claim, general path: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
         "finish, general path: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
+        "finish, general path: mark_finished": q.mark_finished(c.ti_key, 1, "<inputs>", now),
     }
     return {name: _sql(bound[0], postgresql.dialect()) for name, bound in statements.items()}
 

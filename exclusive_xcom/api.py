@@ -7,9 +7,9 @@ from contextlib import ExitStack
 from typing import Any
 
 from exclusive_xcom.decorator import _resolve_conf, from_conf
-from exclusive_xcom.errors import ClaimConflictError, NotAuthorizedError
+from exclusive_xcom.errors import AlreadyConsumedError, ClaimConflictError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY, is_handle
-from exclusive_xcom.runtime import Lost, Session, claimant_of, open_session
+from exclusive_xcom.runtime import DoneBefore, Lost, Session, claimant_of, open_session
 
 
 def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) -> Any:
@@ -55,6 +55,12 @@ def claim_handle(found: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
         (value,) = session.claim([found], batch_size=100, max_items=None)
     except Lost as lost:
         raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
+    except DoneBefore as done:  # the operator is already running: it cannot be spared, only told
+        raise AlreadyConsumedError(
+            f"{done} (its finish committed, then that try failed, e.g. its acknowledgement was lost); "
+            "it cannot be claimed again: an @exclusive_task would succeed here without running again",
+            session.inputs[0].output.ref(session.claimant.slot),
+        ) from None
     _finish_after_execute(context["task"], session)
     return value
 

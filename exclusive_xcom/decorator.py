@@ -23,9 +23,9 @@ from airflow.sdk.definitions.xcom_arg import XComArg
 from airflow.sdk.exceptions import AirflowSkipException
 
 from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
-from exclusive_xcom.handle import RESERVED_KEY
+from exclusive_xcom.handle import RESERVED_KEY, Handle
 from exclusive_xcom.ledger import MODES, consumer_slot
-from exclusive_xcom.runtime import Lost, find_handles, is_final_try, open_session, replace_handles
+from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -126,29 +126,51 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         found = find_handles(args)
         session = open_session(context, found)
         try:  # from the first claim on: whatever step fails, fail() keeps or releases what the try holds
-            if found:
-                try:
-                    values = session.claim(found, self.batch_size, self.max_items)
-                except Lost as lost:
-                    log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
-                    raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
-                args = replace_handles(args, values)
-            self.op_args, self.op_kwargs = args
-            with session.kept_alive():
-                value = super().execute(context)
-            if not self.consumers:
-                session.finish()
-                return value
-            production, handle = session.production(value, self.mode, self.consumer_slots())
-            session.finish([production])
+            handle, value = self._run(context, session, args, found)
         except AirflowSkipException:
             session.fail(final=True)
             raise
         except BaseException:
             session.fail(is_final_try(context))
             raise
+        if handle is None:
+            return value
         context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(session.env.keyring))
         return None
+
+    def _run(self, context: Any, session: Session, args: Any, found: list[Any]) -> tuple[Handle | None, Any]:
+        """Claim, run the function, finish: the handle to publish, or the plain return value."""
+        if found:
+            try:
+                values = session.claim(found, self.batch_size, self.max_items)
+            except Lost as lost:
+                log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
+                raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
+            except DoneBefore as done:
+                return self._done_before(session, done), None
+            args = replace_handles(args, values)
+        self.op_args, self.op_kwargs = args
+        with session.kept_alive():
+            value = super().execute(context)
+        if not self.consumers:
+            session.finish()
+            return None, value
+        production, handle = session.production(value, self.mode, self.consumer_slots())
+        session.finish([production])
+        return handle, None
+
+    def _done_before(self, session: Session, done: DoneBefore) -> Handle | None:
+        """An earlier try's finish committed (the try failed after it): succeed without running again."""
+        why = (
+            f"exclusive_xcom: {session.claimant}: try {done.try_number} of this task instance already consumed "
+            "these inputs (its finish committed, then that try failed, e.g. its acknowledgement was lost); "
+            "the function is not run again"
+        )
+        if not self.consumers:
+            log.warning("%s, and its return value is not known to this try, which returns None", why)
+            return None
+        log.warning("%s: this try publishes the output that try wrote (generation %d)", why, done.try_number)
+        return session.handle_of(done.try_number, self.mode, self.consumer_slots())
 
 
 def _resolve_conf(value: Any, context: Any) -> Any:

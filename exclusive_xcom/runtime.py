@@ -24,7 +24,17 @@ from exclusive_xcom.config import Settings, get_ledger, keyring, load_settings
 from exclusive_xcom.crypto import Keyring
 from exclusive_xcom.errors import ExclusiveXComError, ItemRef, LedgerUnavailableError, PayloadError, amended, named
 from exclusive_xcom.handle import Handle
-from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, ClaimResult, Ledger, Offloaded, Output, Production
+from exclusive_xcom.ledger import (
+    ITEMS,
+    Claimant,
+    ClaimRequest,
+    ClaimResult,
+    Finished,
+    Ledger,
+    Offloaded,
+    Output,
+    Production,
+)
 from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.payload import Codec
 from exclusive_xcom.storage import BlobStore
@@ -71,7 +81,7 @@ def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] 
     )
     with named(ref):
         session = Session(claimant, env())
-        session.env.ledger.enter(claimant)  # from here on, older tries are fenced out
+        session.earlier = session.env.ledger.enter(claimant)  # from here on, older tries are fenced out
         return session
 
 
@@ -102,6 +112,7 @@ class Session:
     written: list[str] = field(default_factory=list)  # blobs its outputs wrote, not yet committed
     produced_items: int = 0
     offloaded_bytes: int = 0
+    earlier: Finished | None = None  # an earlier try of this task instance that finished
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -109,10 +120,13 @@ class Session:
         """Claim every handle in ``found`` (all or none) and return their values in order.
 
         Raises :class:`Lost`, having claimed nothing, when a ``one``-mode input went to
-        another consumer.
+        another consumer, and :class:`DoneBefore` when an earlier try of this task
+        instance already consumed these inputs (its finish committed, then the try failed).
         """
         parsed = [handles.parse(h, self.env.keyring, self.claimant.slot) for h in found]
         self.inputs.extend(parsed)
+        if self.earlier is not None and self.earlier.covers(self._input_outputs()):
+            raise DoneBefore(self.earlier.try_number)
         first = min(batch_size, max_items) if max_items else batch_size
         try:
             result = self._claim([h.request(first) for h in parsed])
@@ -212,7 +226,9 @@ class Session:
         """Consume inputs and write outputs in one transaction, then delete unneeded blobs."""
         try:
             with named(self._ref(productions)):
-                stale = self.env.ledger.finish(self.claimant, self.ids, productions, self.blobs)
+                stale = self.env.ledger.finish(
+                    self.claimant, self.ids, productions, self.blobs, inputs=self._input_outputs()
+                )
         except LedgerUnavailableError:
             raise  # it may have committed after all: its blobs stay for the sweep to judge
         except Exception:
@@ -250,14 +266,17 @@ class Session:
                 log.info("exclusive_xcom: %s keeps %d claim(s) for its retry", self.claimant, len(self.ids))
             return
         try:
-            outputs = list(dict.fromkeys((h.output, h.generation) for h in self.inputs))
-            released = self.env.ledger.release_held(self.claimant, outputs)
+            released = self.env.ledger.release_held(self.claimant, self._input_outputs())
         except Exception as exc:  # the lease frees them anyway; do not mask the task's own error
             log.warning("exclusive_xcom: could not release claims (their lease will expire): %s", exc)
             return
         if released or self.ids:
             log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
             metrics.released(released, dag_id=self.claimant.dag_id, task_id=self.claimant.task_id)
+
+    def _input_outputs(self) -> list[tuple[Output, int]]:
+        """The outputs (and generations) this try's inputs come from, each once."""
+        return list(dict.fromkeys((h.output, h.generation) for h in self.inputs))
 
     def _ref(self, productions: Sequence[Production] = ()) -> ItemRef:
         """Whom an error of this session names: its first input, else its own output."""
@@ -271,8 +290,7 @@ class Session:
 
     def production(self, value: Any, mode: str, consumers: tuple[str, ...]) -> tuple[Production, Handle]:
         """The output to write; ``items`` are encoded lazily, as the ledger inserts them."""
-        output = Output(self.claimant.dag_id, self.claimant.run_id, self.claimant.task_id, self.claimant.map_index)
-        generation = self.claimant.try_number
+        output, generation = self._own_output(), self.claimant.try_number
         ref = output.ref()
         folder = f"{output.output_id}/{generation}"
         if mode == ITEMS:
@@ -280,6 +298,14 @@ class Session:
         else:
             data = [self._encode(value, folder, ref)]
         return Production(output, generation, mode, consumers, data), Handle(output, generation, mode, consumers)
+
+    def handle_of(self, generation: int, mode: str, consumers: tuple[str, ...]) -> Handle:
+        """The handle of the output an earlier try (``generation``) of this task instance wrote."""
+        return Handle(self._own_output(), generation, mode, consumers)
+
+    def _own_output(self) -> Output:
+        c = self.claimant
+        return Output(c.dag_id, c.run_id, c.task_id, c.map_index)
 
     def _encode(self, value: Any, folder: str, ref: ItemRef) -> bytes | Offloaded:
         stored = self.env.codec.encode(value, folder, ref)
@@ -301,6 +327,18 @@ def _describe_ids(ids: Sequence[int]) -> str:
     if len(ids) <= 5:
         return "item " + ", ".join(map(str, ids)) if len(ids) == 1 else "items " + ", ".join(map(str, ids))
     return f"{len(ids)} items (ids {min(ids)}..{max(ids)})"
+
+
+class DoneBefore(Exception):
+    """An earlier try of this task instance consumed the same inputs: its finish committed.
+
+    It failed after that commit (a lost acknowledgement, a failed XCom push), so this try
+    must not run the function again: the inputs are gone, and its output is already written.
+    """
+
+    def __init__(self, try_number: int) -> None:
+        super().__init__(f"try {try_number} of this task instance already consumed these inputs")
+        self.try_number = try_number
 
 
 class Lost(Exception):

@@ -174,6 +174,24 @@ class ClaimResult:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """An earlier try of a task instance whose finish committed: it consumed ``inputs``."""
+
+    try_number: int
+    inputs: str  # :func:`inputs_key` of what it consumed
+
+    def covers(self, inputs: Iterable[tuple[Output, int]]) -> bool:
+        """Whether these inputs (a retry's) are the ones that finish consumed."""
+        return self.inputs == inputs_key(inputs)
+
+
+def inputs_key(inputs: Iterable[tuple[Output, int]]) -> str:
+    """A short key of a try's inputs (outputs and generations), whatever their order."""
+    names = sorted({f"{output.output_id}/{generation}" for output, generation in inputs})
+    return sha256("\n".join(names).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class Production:
     """An output to write: one payload (modes each/one) or one per element (mode items)."""
 
@@ -233,22 +251,28 @@ class Ledger:
 
     # -- tries ------------------------------------------------------------------------------
 
-    def enter(self, claimant: Claimant) -> None:
+    def enter(self, claimant: Claimant) -> Finished | None:
         """Record that this try has begun; from now on older tries are fenced out.
 
+        Returns the earlier try of this task instance whose finish consumed inputs, if
+        any (its acknowledgement may have been lost: see :meth:`Finished.covers`).
         Raises :class:`ClaimConflictError` if a newer try of the same task instance has
         already begun (this one is the zombie).
         """
 
-        def tx(conn: sa.Connection) -> None:
+        def tx(conn: sa.Connection) -> Finished | None:
             now = self._now()
-            newest = conn.execute(q.lock_fence(claimant.ti_key)).scalar()
-            if newest is None:
+            row = conn.execute(q.lock_fence(claimant.ti_key)).first()
+            if row is None:
                 conn.execute(q.insert_fence(claimant.ti_key, claimant.try_number, now))
-            elif newest > claimant.try_number:
-                raise _fenced(claimant, newest)
-            elif newest < claimant.try_number:
+                return None
+            if row.try_number > claimant.try_number:
+                raise _fenced(claimant, row.try_number)
+            if row.try_number < claimant.try_number:
                 conn.execute(q.raise_fence(claimant.ti_key, claimant.try_number, now))
+            if row.finished_try is None or row.finished_try >= claimant.try_number:
+                return None
+            return Finished(row.finished_try, row.finished_inputs)
 
         for attempt in range(2):
             try:
@@ -256,6 +280,7 @@ class Ledger:
             except sa.exc.IntegrityError:  # two tries inserted the first fence row at once
                 if attempt:
                     raise
+        raise AssertionError("unreachable")
 
     # -- produce ----------------------------------------------------------------------------
 
@@ -269,16 +294,20 @@ class Ledger:
         ids: Sequence[int],
         productions: Sequence[Production] = (),
         blobs: Sequence[str] = (),
+        inputs: Sequence[tuple[Output, int]] = (),
     ) -> list[str]:
         """Consume what ``claimant`` holds and write its outputs, all in one transaction.
 
-        ``blobs`` are the offloaded payloads of ``ids``. Returns the blob URIs nothing needs
-        any more (consumed, or replaced by this output), for the caller to delete.
+        ``blobs`` are the offloaded payloads of ``ids``; ``inputs`` the outputs (and
+        generations) they came from, recorded with the finish so that a later try of this
+        task instance knows they are done (:meth:`enter`). Returns the blob URIs nothing
+        needs any more (consumed, or replaced by this output), for the caller to delete.
         Raises :class:`ClaimConflictError` and changes nothing if any of ``ids`` is no
         longer held by this exact try (its lease was taken over, or a newer try fenced it).
         """
 
         ids = list(dict.fromkeys(ids))  # the same input named twice is consumed once
+        key = inputs_key(inputs)
 
         def tx(conn: sa.Connection) -> list[str]:
             now = self._now()
@@ -292,6 +321,7 @@ class Ledger:
                 if done.rowcount != len(ids):
                     _check_fence(conn, claimant)
                     raise _NotHeld(len(ids) - done.rowcount)  # rolls back what was marked
+                conn.execute(*q.mark_finished(claimant.ti_key, claimant.try_number, key, now))
             stale = list(blobs)
             for production in productions:
                 stale.extend(_produce(conn, production, now)[1])
@@ -299,7 +329,13 @@ class Ledger:
 
         def consume_now(conn: sa.Connection) -> list[str] | None:
             stmt = q.consume_all_now(
-                ids, claimant.identity, claimant.try_number, self._now(), claimant.ti_key, self.keep_consumed_payloads
+                ids,
+                claimant.identity,
+                claimant.try_number,
+                self._now(),
+                claimant.ti_key,
+                key,
+                self.keep_consumed_payloads,
             )
             if conn.execute(*stmt).rowcount != len(ids):
                 return None  # nothing changed: the transaction below finds out why

@@ -78,8 +78,10 @@ _OWNER_IS = sa.and_(
     item.c.owner_task_id == _P("o_task"),
     item.c.owner_map_index == _P("o_map"),
 )
+# The fence's key travels as ":f_key", never ":ti_key": an UPDATE of the fence (even one in a
+# WITH clause) takes a parameter named after one of its columns for its SET clause.
 _NOT_FENCED = ~sa.exists(
-    sa.select(fence.c.ti_key).where(fence.c.ti_key == _P("ti_key"), fence.c.try_number > _P("o_try"))
+    sa.select(fence.c.ti_key).where(fence.c.ti_key == _P("f_key"), fence.c.try_number > _P("o_try"))
 )
 # The state is compared through coalesce() so planners go by the ids (primary key), not by
 # the state index: with many claims in flight, "state = 'claimed'" matches them all.
@@ -154,6 +156,11 @@ _CONSUMING: dict[str, Any] = {"state": CONSUMED, "consumed_at": _P("now"), "leas
 _MARK_CONSUMED = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMING, payload=None)
 _MARK_CONSUMED_KEEPING = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMING)
 _EXTEND_LEASE = sa.update(item).where(_HELD).values(lease_expires_at=_P("lease"))
+# A finish that consumed inputs records itself on its task instance's fence row, in the same
+# transaction: a later try then knows these inputs are done, even if this one never heard so.
+_FENCE_IS_MINE = sa.and_(fence.c.ti_key == _P("f_key"), fence.c.try_number == _P("o_try"))
+_FINISHED: dict[str, Any] = {"finished_try": _P("o_try"), "finished_inputs": _P("inputs"), "updated_at": _P("now")}
+_MARK_FINISHED = sa.update(fence).where(_FENCE_IS_MINE).values(**_FINISHED)
 
 
 # -- PostgreSQL: claim and consume in one statement each ----------------------------------------
@@ -215,7 +222,8 @@ def _consume_all(**values: Any) -> sa.Update:
         .cte("held")
     )
     everything = sa.select(sa.func.count()).select_from(held).scalar_subquery() == _P("n", type_=sa.Integer())
-    return sa.update(item).where(item.c.id.in_(sa.select(held.c.id)), everything).values(**values)
+    finished = sa.update(fence).where(_FENCE_IS_MINE, everything).values(**_FINISHED).cte("finished")
+    return sa.update(item).where(item.c.id.in_(sa.select(held.c.id)), everything).values(**values).add_cte(finished)
 
 
 _CONSUME_ALL_NOW = _consume_all(**_CONSUMING, payload=None)
@@ -243,7 +251,7 @@ def claim_ready_now(
         "limit": limit,
         "now": now,
         "lease": lease,
-        "ti_key": ti_key,
+        "f_key": ti_key,
         **_owner(owner, try_number),
     }
     if slot is None:
@@ -257,14 +265,17 @@ def consume_all_now(
     try_number: int,
     now: datetime,
     ti_key: str,
+    inputs: str,
     keep_payload: bool = False,
 ) -> Bound:
-    """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none.
+    """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none,
+    and record the finish (:func:`mark_finished`) if it consumed them.
 
-    The parameters are :func:`mark_consumed`'s, plus how many rows must be held.
+    The parameters are :func:`mark_consumed`'s, plus the inputs' key and how many rows must be held.
     """
     _, params = mark_consumed(ids, owner, try_number, now, ti_key)
-    return (_CONSUME_ALL_KEEPING_NOW if keep_payload else _CONSUME_ALL_NOW), {**params, "n": len(params["ids"])}
+    stmt = _CONSUME_ALL_KEEPING_NOW if keep_payload else _CONSUME_ALL_NOW
+    return stmt, {**params, "inputs": inputs, "n": len(params["ids"])}
 
 
 def lock_slot(output_id: str, generation: int, slot: str) -> Bound:
@@ -311,8 +322,15 @@ def lock_own_earlier(
     }
 
 
-def lock_fence(ti_key: str) -> sa.Select[int]:
-    return sa.select(fence.c.try_number).where(fence.c.ti_key == ti_key).with_for_update()
+def lock_fence(ti_key: str) -> sa.Select[int, int | None, str | None]:
+    """The newest try of a task instance, and the try (and inputs) whose finish consumed."""
+    columns = (fence.c.try_number, fence.c.finished_try, fence.c.finished_inputs)
+    return sa.select(*columns).where(fence.c.ti_key == ti_key).with_for_update()
+
+
+def mark_finished(ti_key: str, try_number: int, inputs: str, now: datetime) -> Bound:
+    """Record that this try's finish consumed ``inputs`` (a key of their outputs and generations)."""
+    return _MARK_FINISHED, {"f_key": ti_key, "o_try": try_number, "inputs": inputs, "now": now}
 
 
 def insert_fence(ti_key: str, try_number: int, now: datetime) -> sa.Insert:
@@ -336,7 +354,7 @@ def mark_claimed(
     ti_key: str,
 ) -> Bound:
     """Claim locked rows for this try, unless a newer try of the task instance has begun."""
-    return _MARK_CLAIMED, {"ids": list(ids), "now": now, "lease": lease, "ti_key": ti_key, **_owner(owner, try_number)}
+    return _MARK_CLAIMED, {"ids": list(ids), "now": now, "lease": lease, "f_key": ti_key, **_owner(owner, try_number)}
 
 
 def mark_consumed(
@@ -349,7 +367,7 @@ def mark_consumed(
 ) -> Bound:
     """Consume rows still claimed by exactly this try (the fence every finish goes through)."""
     stmt = _MARK_CONSUMED_KEEPING if keep_payload else _MARK_CONSUMED
-    return stmt, {"ids": list(ids), "now": now, "ti_key": ti_key, **_owner(owner, try_number)}
+    return stmt, {"ids": list(ids), "now": now, "f_key": ti_key, **_owner(owner, try_number)}
 
 
 def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime) -> Bound:

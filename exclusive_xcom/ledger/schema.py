@@ -99,6 +99,10 @@ fence = sa.Table(
     sa.Column("ti_key", sa.String(64), primary_key=True),  # sha256 of (dag, run, task, map_index)
     sa.Column("try_number", sa.Integer(), nullable=False),
     sa.Column("updated_at", _Time, nullable=False),
+    # Version 7: the try whose finish consumed inputs (and wrote the output), and which
+    # inputs, so that a retry after a lost COMMIT acknowledgement knows it is already done.
+    sa.Column("finished_try", sa.Integer(), nullable=True),
+    sa.Column("finished_inputs", sa.String(64), nullable=True),
 )
 
 
@@ -154,5 +158,13 @@ def _v6(conn: sa.Connection) -> None:
         state_index.drop(conn)
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(conn: sa.Connection) -> None:
+    """Finishes remembered per task instance (a ledger made by version 6 code lacks them)."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns(fence.name)}
+    for name, kind in (("finished_try", "INTEGER"), ("finished_inputs", "VARCHAR(64)")):
+        if name not in columns:
+            conn.execute(sa.text(f"ALTER TABLE {fence.name} ADD COLUMN {name} {kind}"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import TEST_DAGS, Result
+from tests.proxy import LostAckProxy
+
+from .harness import TEST_DAGS, Airflow, Result, ledger_rows
 
 DAGS = TEST_DAGS / "retry_and_mapped.py"
 
@@ -69,3 +71,39 @@ def test_a_worker_that_fails_for_good_in_a_later_batch_releases_every_batch(dag_
     assert len(rows) == 40
     held = [(r["seq"], r["owner_task_id"], r["owner_map_index"]) for r in rows if r["state"] != "ready"]
     assert held == [], f"a try that failed for good still holds {len(held)} item(s): {held[:5]}"
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_a_retry_after_a_lost_commit_acknowledgement_does_not_run_again(
+    backend: str, airflow: Airflow, ledger_url: str
+) -> None:
+    """For real, through Airflow's retries: ``middle``'s finish (consume its input, write its
+    output) commits on the server, a proxy throws the reply away and the server stays away
+    for its re-check; try 1 fails. Try 2 succeeds without running the function, publishing
+    what try 1 wrote, and the sink gets it: every input consumed once, nothing held."""
+    with LostAckProxy(ledger_url, outage=1.0) as proxy:
+        result = airflow.test(
+            [TEST_DAGS / "lost_ack.py"],
+            [{"dag_id": f"e2e_lost_ack_{mode}"} for mode in ("each", "one", "items")],
+            proxy.url(ledger_url),
+            env={"LOST_ACK_PROXY": str(proxy.control_port)},
+        )
+    expected = {"each": 70, "one": 70, "items": [0, 10, 20, 30, 40]}
+    for run, (mode, derived) in zip(result.runs, expected.items(), strict=True):
+        assert run.state == "success", f"{mode}: {result.tail()}"
+        middle = run.task_log("middle")
+        assert "middle ran in try 1" in run.log and "middle ran in try 2" not in run.log, f"{mode}: {result.tail()}"
+        assert "whether this finish committed is unknown" in run.log, f"{mode}: the acknowledgement was not lost"
+        assert (
+            "try 1 of this task instance already consumed these inputs (its finish committed, then that try "
+            "failed, e.g. its acknowledgement was lost); the function is not run again: this try publishes "
+            "the output that try wrote (generation 1)"
+        ) in run.log, f"{mode}: {middle}"
+        assert [t["try_number"] for t in run.tis if t["task_id"] == "middle"] == [2]
+        assert [x["value"] for x in run.xcoms("sink", "return_value")] == [derived], mode
+        rows = [r for r in ledger_rows(ledger_url) if r["run_id"] == run.run_id]
+        assert {(r["task_id"], r["state"], r["owner_task_id"], r["owner_try"]) for r in rows} == {
+            ("produce", "consumed", "middle", 1),
+            ("middle", "consumed", "sink", 1),
+        }, mode
+        assert len(rows) == (5 if mode == "items" else 1) + 1, f"{mode}: {rows}"

@@ -14,11 +14,12 @@ import pytest
 import sqlalchemy as sa
 
 from exclusive_xcom import config
-from exclusive_xcom.errors import LedgerUnavailableError
+from exclusive_xcom.errors import ClaimConflictError, LedgerUnavailableError
 from exclusive_xcom.ledger import (
     ITEMS,
     Claimant,
     ClaimRequest,
+    Finished,
     Ledger,
     Output,
     Production,
@@ -26,7 +27,8 @@ from exclusive_xcom.ledger import (
     create_engine,
 )
 from exclusive_xcom.ledger.engine import _engines
-from exclusive_xcom.ledger.schema import MIGRATIONS, SCHEMA_VERSION, item, meta
+from exclusive_xcom.ledger.ledger import inputs_key
+from exclusive_xcom.ledger.schema import MIGRATIONS, SCHEMA_VERSION, fence, item, meta
 from tests.conftest import drop_ledger_database, new_ledger_database
 from tests.integration.conftest import text
 
@@ -164,6 +166,31 @@ def test_a_version_1_ledger_is_upgraded_in_place_keeping_its_rows(ledger_url: st
     assert _meta_rows(engine) == [("schema_version", str(SCHEMA_VERSION)), ("signing_secret", secret)]
     assert ledger.secret() == bytes.fromhex(secret)
     assert ledger.counts() == {"consumed": 12}
+    engine.dispose()
+
+
+def test_a_version_6_fence_learns_to_remember_finishes_keeping_its_rows(ledger_url: str) -> None:
+    """Version 7 adds the finish record to the fence rows of a ledger already in use."""
+    engine = create_engine(ledger_url)
+    ledger = Ledger(engine)
+    ledger.migrate()
+    holder = Claimant(DAG, RUN, "drain", map_index=0, try_number=3)
+    ledger.enter(holder)
+    with engine.begin() as conn:  # back to what version 6 code left behind
+        for column in ("finished_try", "finished_inputs"):
+            conn.execute(sa.text(f"ALTER TABLE {fence.name} DROP COLUMN {column}"))
+        conn.execute(sa.update(meta).where(meta.c.name == "schema_version").values(value="6"))
+    engine.dispose()
+
+    assert ledger.migrate() == SCHEMA_VERSION == 7
+    with pytest.raises(ClaimConflictError, match="try 3 of the same task instance has begun"):
+        ledger.enter(Claimant(DAG, RUN, "drain", map_index=0, try_number=2))  # its fence row survived
+    _produce(ledger, 2)
+    held = ledger.claim(holder, [ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=100)]).ids
+    ledger.finish(holder, held, inputs=[(OUTPUT, 1)])
+    assert ledger.enter(Claimant(DAG, RUN, "drain", map_index=0, try_number=4)) == Finished(
+        3, inputs_key([(OUTPUT, 1)])
+    )
     engine.dispose()
 
 

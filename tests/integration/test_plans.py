@@ -81,7 +81,7 @@ def _statements(dialect: str) -> dict[str, Any]:
             "claim_slot_now": q.claim_ready_now(
                 LIVE.output_id, 1, "d/worker", consumers, OWNER, 1, NOW, lease, ti_key, 1
             ),
-            "consume_all_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key),
+            "consume_all_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key, "inputs"),
         }
     else:
         one_statement = {}
@@ -94,6 +94,7 @@ def _statements(dialect: str) -> dict[str, Any]:
         "lock_own_earlier": q.lock_own_earlier(LIVE.output_id, 1, OWNER, 2, 100),
         "mark_claimed": q.mark_claimed(ids, OWNER, 1, NOW, lease, ti_key),
         "mark_consumed": q.mark_consumed(ids, OWNER, 1, NOW, ti_key),
+        "mark_finished": q.mark_finished(ti_key, 1, "inputs", NOW),
         "extend_lease": q.extend_lease(ids, OWNER, 1, lease),
         "release": q.release(ids, OWNER, 1),
         "release_held": q.release_held(LIVE.output_id, 1, OWNER, 1),
