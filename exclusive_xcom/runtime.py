@@ -41,6 +41,11 @@ from exclusive_xcom.storage import BlobStore
 
 log = logging.getLogger("exclusive_xcom")
 
+#: How long a try that failed for good keeps trying to give its claims back while the ledger
+#: is unreachable: long enough to outlast a server restart (the likely cause of the failure),
+#: short enough not to hold up the task's end for long. After that, the lease frees them.
+RELEASE_PATIENCE = 15.0
+
 
 @dataclass(frozen=True)
 class Env:
@@ -266,13 +271,26 @@ class Session:
                 log.info("exclusive_xcom: %s keeps %d claim(s) for its retry", self.claimant, len(self.ids))
             return
         try:
-            released = self.env.ledger.release_held(self.claimant, self._input_outputs())
+            released = self._release_held()
         except Exception as exc:  # the lease frees them anyway; do not mask the task's own error
             log.warning("exclusive_xcom: could not release claims (their lease will expire): %s", exc)
             return
         if released or self.ids:
             log.info("exclusive_xcom: %s failed for good; released %d claim(s)", self.claimant, released)
             metrics.released(released, dag_id=self.claimant.dag_id, task_id=self.claimant.task_id)
+
+    def _release_held(self) -> int:
+        """Release what this try holds, waiting out a ledger that is briefly unreachable."""
+        deadline, pause = time.monotonic() + RELEASE_PATIENCE, 0.2
+        while True:
+            try:
+                return self.env.ledger.release_held(self.claimant, self._input_outputs())
+            except LedgerUnavailableError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.info("exclusive_xcom: releasing %s's claims: %s; trying again", self.claimant, exc)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def _input_outputs(self) -> list[tuple[Output, int]]:
         """The outputs (and generations) this try's inputs come from, each once."""

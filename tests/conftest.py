@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import BACKENDS, SERVERS, create_database, drop_database, server_problem
+from tests.support import BACKENDS, SERVERS, PrivatePostgres, create_database, drop_database, server_problem
 
 TIERS = ("unit", "integration", "e2e", "scheduler")
 
@@ -104,3 +104,10 @@ def engine(ledger_url: str) -> Iterator[sa.Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this test's own (never the shared server), removed afterwards."""
+    with PrivatePostgres() as server:
+        yield server

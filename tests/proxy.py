@@ -1,7 +1,7 @@
 """A TCP proxy in front of a real database server that loses one COMMIT's acknowledgement.
 
-Once armed, it forwards the next client message that says ``COMMIT`` (or matches the
-pattern it was armed with: an autocommitted statement commits without one) to the server, waits
+Once armed, it forwards the next client message that commits (a ``COMMIT``, or the
+ledger's one autocommitted consume statement on PostgreSQL) to the server, waits
 for the server's reply (so the commit has happened), throws the reply away and cuts every
 connection; for ``outage`` seconds after that it refuses new connections (it accepts and
 hangs up at once). To the driver this is a server that went away while acknowledging a
@@ -22,7 +22,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-COMMIT = re.compile(rb"(?i)\bcommit\b")
+#: What commits a finish: a transaction's COMMIT, or PostgreSQL's one-statement consume
+#: (``WITH held AS (…) UPDATE …``), which is sent in autocommit mode and commits by itself.
+COMMIT = re.compile(rb"(?i)\bcommit\b|WITH held AS")
 
 
 class LostAckProxy:
@@ -33,7 +35,6 @@ class LostAckProxy:
         self.dropped = threading.Event()  # a commit's reply was thrown away
         self.refused = 0  # connections hung up on during the outage
         self._armed = threading.Event()
-        self._pattern = COMMIT
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -49,8 +50,7 @@ class LostAckProxy:
         """``database_url`` (on the proxied server) reached through this proxy."""
         return sa.make_url(database_url).set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
 
-    def arm(self, pattern: re.Pattern[bytes] = COMMIT) -> None:
-        self._pattern = pattern
+    def arm(self) -> None:
         self._armed.set()
 
     def close(self) -> None:
@@ -90,7 +90,7 @@ class LostAckProxy:
 
     def _upstream(self, client: socket.socket, server: socket.socket, swallow: threading.Event) -> None:
         while data := _recv(client):
-            if self._armed.is_set() and self._pattern.search(data):
+            if self._armed.is_set() and COMMIT.search(data):
                 self._armed.clear()
                 swallow.set()
             if not _send(server, data):

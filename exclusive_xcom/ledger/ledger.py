@@ -395,8 +395,9 @@ class Ledger:
         except LedgerUnavailableError:
             if ids:
                 known = (
-                    "whether this finish committed is unknown, as the ledger stayed unreachable: its inputs are "
-                    "either consumed by this try or still held by it (its retry takes them back first)"
+                    "whether this finish committed is unknown, as the ledger stayed unreachable: if it did, "
+                    "its retry finds it done and succeeds without running again (publishing the output this "
+                    "finish wrote); if not, this try still holds its inputs and its retry takes them back first"
                 )
             else:
                 known = (

@@ -84,12 +84,13 @@ def test_a_retry_after_a_lost_commit_acknowledgement_does_not_run_again(
     with LostAckProxy(ledger_url, outage=1.0) as proxy:
         result = airflow.test(
             [TEST_DAGS / "lost_ack.py"],
-            [{"dag_id": f"e2e_lost_ack_{mode}"} for mode in ("each", "one", "items")],
+            [{"dag_id": f"e2e_lost_ack_{mode}"} for mode in ("each", "one", "items", "claim")],
             proxy.url(ledger_url),
             env={"LOST_ACK_PROXY": str(proxy.control_port)},
         )
+    *runs, classic = result.runs
     expected = {"each": 70, "one": 70, "items": [0, 10, 20, 30, 40]}
-    for run, (mode, derived) in zip(result.runs, expected.items(), strict=True):
+    for run, (mode, derived) in zip(runs, expected.items(), strict=True):
         assert run.state == "success", f"{mode}: {result.tail()}"
         middle = run.task_log("middle")
         assert "middle ran in try 1" in run.log and "middle ran in try 2" not in run.log, f"{mode}: {result.tail()}"
@@ -107,3 +108,11 @@ def test_a_retry_after_a_lost_commit_acknowledgement_does_not_run_again(
             ("middle", "consumed", "sink", 1),
         }, mode
         assert len(rows) == (5 if mode == "items" else 1) + 1, f"{mode}: {rows}"
+    # A classic operator's claim(): the operator is already running when it learns its input
+    # is done, so it fails with what happened instead of running on nothing.
+    assert classic.states() == {"produce": "success", "middle": "failed"}, result.tail()
+    assert "whether this finish committed is unknown" in classic.log, result.tail()
+    assert (
+        "AlreadyConsumedError: try 1 of this task instance already consumed these inputs (its finish committed, "
+        "then that try failed, e.g. its acknowledgement was lost); it cannot be claimed again"
+    ) in classic.log, result.tail()

@@ -671,7 +671,8 @@ def test_a_finish_whose_outcome_cannot_be_checked_says_what_is_known(ledger: Led
     assert committed, "the fault was not injected"
     message = str(info.value)
     assert "whether this finish committed is unknown, as the ledger stayed unreachable" in message, message
-    assert "either consumed by this try or still held by it (its retry takes them back first)" in message
+    assert "if it did, its retry finds it done and succeeds without running again" in message, message
+    assert "if not, this try still holds its inputs and its retry takes them back first" in message, message
     assert "changed nothing" not in message and "written" not in message, message
     assert ledger.counts() == {CONSUMED: 3}, "it had committed after all"
 
@@ -714,13 +715,6 @@ def test_a_claim_of_unknown_outcome_says_the_try_may_hold_its_items(ledger: Ledg
 RESTART_POOL = 20_000
 RESTART_BATCH = 25
 RESTARTS = 8  # alternately clean (-m fast) and crashed (-m immediate, WAL recovery)
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL cluster of this test's own (never the shared server), removed afterwards."""
-    with PrivatePostgres() as server:
-        yield server
 
 
 def _bounce(server: PrivatePostgres, n: int) -> str:

@@ -12,9 +12,10 @@ import socket
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk import dag, get_current_context
 
-from exclusive_xcom import exclusive_task
+from exclusive_xcom import claim, exclusive_task
 
 
 def _arm_proxy() -> None:
@@ -52,3 +53,24 @@ def _lost_ack_dag(mode: str):
 e2e_lost_ack_each = _lost_ack_dag("each")
 e2e_lost_ack_one = _lost_ack_dag("one")
 e2e_lost_ack_items = _lost_ack_dag("items")
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"))
+def e2e_lost_ack_claim():
+    """A classic operator's claim(): its retry cannot be spared, so it is told its input is done."""
+
+    @exclusive_task(consumers=["middle"])
+    def produce():
+        return {"order": 7}
+
+    def middle_body() -> int:
+        value = claim("produce")
+        if get_current_context()["ti"].try_number == 1:
+            _arm_proxy()  # the next COMMIT is the finish in this task's post-execute hook
+        return value["order"]
+
+    middle = PythonOperator(task_id="middle", python_callable=middle_body, retries=1, retry_delay=timedelta(seconds=3))
+    produce() >> middle
+
+
+e2e_lost_ack_claim_dag = e2e_lost_ack_claim()
