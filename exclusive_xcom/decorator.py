@@ -25,6 +25,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY, Handle
 from exclusive_xcom.ledger import MODES, consumer_slot
+from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
 
 log = logging.getLogger("exclusive_xcom")
@@ -77,9 +78,12 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         max_items: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if consumers:
+        # Checked here, where every path passes (the decorator, .override(), a mapped task's
+        # unmapping), with the decorator's messages.
+        self.consumers = _consumer_names(consumers, slots_ok=True)
+        _check_options(mode, self.consumers, batch_size, max_items)
+        if self.consumers:
             kwargs.setdefault("show_return_value_in_logs", False)  # the payload stays out of logs too
-        self.consumers = tuple(consumers)
         self.mode = mode
         self.batch_size = batch_size
         self.max_items = max_items
@@ -135,8 +139,10 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
             raise
         if handle is None:
             return value
-        context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(session.env.keyring))
-        return None
+        keys = session.env.keyring
+        context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(keys))
+        size = session.env.ledger.size(handle.output, handle.generation) if handle.mode == "items" else None
+        return mapping_value(self, context["ti"], handle, size, keys)  # what mapped consumers map over
 
     def _run(self, context: Any, session: Session, args: Any, found: list[Any]) -> tuple[Handle | None, Any]:
         """Claim, run the function, finish: the handle to publish, or the plain return value."""
@@ -203,8 +209,9 @@ def _argument_values(op: Any) -> Iterable[Any]:
 
 
 def _reads_output(other: Any, producer: BaseOperator) -> bool:
+    """Whether ``other`` takes ``producer``'s output (its handle, or the handles it maps over)."""
     return any(
-        ref_op is producer and key == RESERVED_KEY
+        ref_op is producer and key in (RESERVED_KEY, RETURN_KEY)
         for value in _argument_values(other)
         for ref_op, key in XComArg.iter_xcom_references(value)
     )
@@ -223,13 +230,18 @@ class _ExclusiveTaskDecorator(_TaskDecorator[..., Any, _ExclusiveDecoratedOperat
         return self._exclusive(super().__call__(*args, **kwargs))
 
     def _expand(self, expand_input: Any, *, strict: bool) -> XComArg:
+        consumer = str(self.kwargs.get("task_id", self.function.__name__))
+        kw = self.kwargs  # a mapped task's operator is made only when it runs: check it now
+        _check_options(kw.get("mode", "each"), kw.get("consumers", ()), kw.get("batch_size", 100), kw.get("max_items"))
+        check_partial(consumer, kw.get("op_kwargs", {}))
+        expand_input = attr.evolve(expand_input, value=mapped_over(expand_input, consumer))
         return self._exclusive(super()._expand(expand_input, strict=strict))
 
     def _exclusive(self, arg: XComArg) -> XComArg:
         if not self.kwargs.get("consumers"):
             return arg
         (operator, _key), *_ = arg.iter_references()
-        return XComArg(operator, key=RESERVED_KEY)
+        return ExclusiveXComArg(operator, RESERVED_KEY)
 
 
 def exclusive_task(
@@ -252,8 +264,8 @@ def exclusive_task(
             "write @exclusive_task(consumers=[...])"
         )
     names = _consumer_names(consumers)
-    _check_mode(mode, names)
     _check_keywords(task_kwargs)
+    _check_options(mode, names, task_kwargs.get("batch_size", 100), task_kwargs.get("max_items"))
     if names:
         if multiple_outputs:
             raise ConfigurationError(
@@ -274,8 +286,11 @@ def exclusive_task(
     return wrap(python_callable) if python_callable is not None else wrap
 
 
-def _consumer_names(consumers: Any) -> tuple[str, ...]:
-    """Consumers as ledger names: ``task_id`` in this DAG, ``dag_id/task_id`` elsewhere."""
+def _consumer_names(consumers: Any, slots_ok: bool = False) -> tuple[str, ...]:
+    """Consumers as ledger names: ``task_id`` in this DAG, ``dag_id/task_id`` elsewhere.
+
+    ``slots_ok``: the operator is handed names the decorator already made (``dag_id/task_id``).
+    """
     if consumers is None:
         return ()
     if isinstance(consumers, str | Consumer):
@@ -288,7 +303,7 @@ def _consumer_names(consumers: Any) -> tuple[str, ...]:
     for consumer in consumers:
         if isinstance(consumer, Consumer):
             names.append(consumer_slot(consumer.dag_id, consumer.task_id))
-        elif isinstance(consumer, str) and consumer and "/" not in consumer:
+        elif isinstance(consumer, str) and consumer and ("/" not in consumer or slots_ok):
             names.append(consumer)
         else:
             raise ConfigurationError(
@@ -297,11 +312,15 @@ def _consumer_names(consumers: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _check_mode(mode: Any, names: tuple[str, ...]) -> None:
+def _check_options(mode: Any, names: tuple[str, ...], batch_size: Any, max_items: Any) -> None:
     if mode not in MODES:
         raise ConfigurationError(f"mode={mode!r} is not one of {', '.join(repr(m) for m in MODES)}")
     if mode != "each" and not names:
         raise ConfigurationError(f"mode={mode!r} needs consumers=[...] to name who may read the output")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigurationError(f"batch_size= must be a positive int, got {batch_size!r}")
+    if max_items is not None and (not isinstance(max_items, int) or isinstance(max_items, bool) or max_items < 1):
+        raise ConfigurationError(f"max_items= must be a positive int or None, got {max_items!r}")
 
 
 _SKIP = {"self", "args", "kwargs", "python_callable", "op_args", "op_kwargs", "kwargs_to_upstream"}
@@ -324,9 +343,3 @@ def _check_keywords(task_kwargs: Mapping[str, Any]) -> None:
                 f"@exclusive_task got an unknown keyword {name!r}{hint}; it accepts consumers=, mode=, "
                 "batch_size=, max_items= and every keyword of @task (task_id, retries, pool, ...)"
             )
-    batch = task_kwargs.get("batch_size", 100)
-    if not isinstance(batch, int) or batch < 1:
-        raise ConfigurationError(f"batch_size= must be a positive int, got {batch!r}")
-    cap = task_kwargs.get("max_items")
-    if cap is not None and (not isinstance(cap, int) or cap < 1):
-        raise ConfigurationError(f"max_items= must be a positive int or None, got {cap!r}")

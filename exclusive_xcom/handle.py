@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from exclusive_xcom.crypto import Keyring
@@ -31,13 +31,18 @@ class Handle:
     generation: int
     mode: str
     consumers: tuple[str, ...]
+    seq: int | None = None  # one item of a mode-items output: what a consumer mapped over it gets
+
+    def element(self, seq: int) -> Handle:
+        """The handle of item ``seq`` alone (``.expand()`` gives mapped instance ``seq`` this one)."""
+        return replace(self, seq=seq)
 
     def to_xcom(self, keys: Keyring) -> dict[str, Any]:
         body = self._body()
         return {MARKER: VERSION, **body, "sig": keys.sign(_message(body))}
 
     def request(self, limit: int = 100) -> ClaimRequest:
-        return ClaimRequest(self.output, self.generation, self.mode, self.consumers, limit)
+        return ClaimRequest(self.output, self.generation, self.mode, self.consumers, limit, self.seq)
 
     def _body(self) -> dict[str, Any]:
         o = self.output
@@ -50,6 +55,7 @@ class Handle:
             "generation": self.generation,
             "mode": self.mode,
             "consumers": sorted(self.consumers),
+            **({} if self.seq is None else {"seq": self.seq}),
         }
 
 
@@ -65,7 +71,8 @@ def parse(value: Mapping[str, Any], keys: Keyring, consumer: str = "-") -> Handl
     try:
         body = {name: value[name] for name in _FIELDS}
         output = Output(body["dag_id"], body["run_id"], body["task_id"], int(body["map_index"]), body["key"])
-        handle = Handle(output, int(body["generation"]), str(body["mode"]), tuple(body["consumers"]))
+        seq = None if value.get("seq") is None else int(value["seq"])
+        handle = Handle(output, int(body["generation"]), str(body["mode"]), tuple(body["consumers"]), seq)
         signature = str(value["sig"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"malformed exclusive_xcom handle (missing or bad field: {exc})") from exc

@@ -139,7 +139,7 @@ class Session:
                 raise Lost(result.lost)
             values = [self._values(h, c.payloads) for h, c in zip(parsed, result.claims, strict=True)]
             for h, claimed, value in zip(parsed, result.claims, values, strict=True):
-                if h.mode == ITEMS and len(claimed.ids) == first:
+                if not claimed.request.slot_row and len(claimed.ids) == first:
                     value.extend(self._drain(h, batch_size, (max_items or 0) - len(claimed.ids)))
         except ExclusiveXComError as exc:
             raise amended(exc, self._holding(exc)) from (exc.__cause__ or exc)
@@ -198,7 +198,7 @@ class Session:
     def _values(self, h: Handle, raw: list[Stored]) -> Any:
         ref = h.output.ref(self.claimant.slot)
         values = [self.env.codec.decode(data, ref) for data in raw]
-        return values if h.mode == ITEMS else values[0]
+        return values[0] if h.request().slot_row else values
 
     # -- lifetime -------------------------------------------------------------------------
 

@@ -122,6 +122,12 @@ class ClaimRequest:
     mode: str
     consumers: tuple[str, ...]
     limit: int = 100
+    seq: int | None = None  # mode items: this one item only (a consumer mapped over the output)
+
+    @property
+    def slot_row(self) -> bool:
+        """Whether the request is for one row (modes each and one, or one item) rather than a batch."""
+        return self.mode != ITEMS or self.seq is not None
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,11 @@ class Ledger:
                 raise
             return []  # a blob left behind is swept by purge
 
+    def size(self, output: Output, generation: int) -> int:
+        """How many rows one generation of an output has (mode items: its item count)."""
+        stmt = q.count_output(output.output_id, generation)
+        return int(self._run(lambda conn: conn.execute(stmt).scalar_one(), output.ref()))
+
     def _unneeded(self, conn: sa.Connection, uris: Sequence[str]) -> list[str]:
         """Which blobs no row needs any more (a blob may be shared by the slots of one output)."""
         uris = list(dict.fromkeys(uris))
@@ -461,10 +472,10 @@ class Ledger:
         claim that finds no ready row (a lease to take over, a retry's own claim, an error
         to explain). A batch short of ``limit`` is topped up from expired leases.
         """
-        if request.mode == ITEMS and claimant.try_number > 1:
+        if not request.slot_row and claimant.try_number > 1:
             return None
-        slot = None if request.mode == ITEMS else claimant.slot if request.mode == EACH else SHARED_SLOT
-        limit = request.limit if request.mode == ITEMS else 1
+        slot = _slot_of(claimant, request) if request.slot_row else None
+        limit = 1 if request.slot_row else request.limit
         now = self._now()
         out = request.output
         stmt = q.claim_ready_now(
@@ -478,6 +489,7 @@ class Ledger:
             now + timedelta(seconds=self.lease_seconds),
             claimant.ti_key,
             limit,
+            request.seq or 0,
         )
         rows = self._run(lambda conn: conn.execute(*stmt).all(), out.ref(claimant.slot), autocommit=True)
         if not rows:
@@ -702,14 +714,14 @@ def _authorize(claimant: Claimant, request: ClaimRequest, consumers: Iterable[st
 def _claim_one(
     conn: sa.Connection, claimant: Claimant, request: ClaimRequest, now: datetime
 ) -> tuple[Claimed, list[str]]:
-    if request.mode == ITEMS:
+    if not request.slot_row:
         return _claim_batch(conn, claimant, request, now), []
-    slot = claimant.slot if request.mode == EACH else SHARED_SLOT
+    slot, seq = _slot_of(claimant, request), request.seq or 0
     out = request.output
-    row = conn.execute(*q.lock_slot(out.output_id, request.generation, slot)).first()
+    row = conn.execute(*q.lock_slot(out.output_id, request.generation, slot, seq)).first()
     claimed = Claimed(request)
     if row is None:
-        busy = conn.execute(*q.peek_slot(out.output_id, request.generation, slot)).first()
+        busy = conn.execute(*q.peek_slot(out.output_id, request.generation, slot, seq)).first()
         if busy is None:
             raise PayloadError(
                 "no ledger item matches this handle: it was purged, or replaced by a newer run of the "
@@ -730,6 +742,11 @@ def _claim_one(
         return _busy(claimant, request, f"held by {_describe_owner(row)} until {row.lease_expires_at}")
     claimed.add(row)
     return claimed, []
+
+
+def _slot_of(claimant: Claimant, request: ClaimRequest) -> str:
+    """The slot a one-row request reads: the claimant's own in mode each, else the shared one."""
+    return claimant.slot if request.mode == EACH else SHARED_SLOT
 
 
 def _busy(claimant: Claimant, request: ClaimRequest, why: str) -> tuple[Claimed, list[str]]:

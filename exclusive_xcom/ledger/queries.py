@@ -138,7 +138,13 @@ _LOCK_RECLAIMABLE_EXCLUDING = _from_pool(
     _UNCONSUMED, item.c.state == _CLAIMED, _RECLAIMABLE, item.c.id.not_in(_P("exclude", expanding=True))
 )
 _LOCK_OWN_EARLIER = _from_pool(_UNCONSUMED, item.c.state == _CLAIMED, _OWNER_IS, item.c.owner_try < _P("o_try"))
-_SLOT = sa.and_(item.c.output_id == _P("p_output"), item.c.generation == _P("p_gen"), item.c.slot == _P("p_slot"))
+# One row: a slot's (modes each/one: seq 0) or one item of a pool (a consumer mapped over it).
+_SLOT = sa.and_(
+    item.c.output_id == _P("p_output"),
+    item.c.generation == _P("p_gen"),
+    item.c.slot == _P("p_slot"),
+    item.c.seq == _P("p_seq"),
+)
 _LOCK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT).with_for_update(skip_locked=True)
 _PEEK_SLOT = sa.select(*_CLAIM_COLUMNS).where(_SLOT)
 _CLAIM_VALUES: dict[str, Any] = {
@@ -241,9 +247,10 @@ def claim_ready_now(
     lease: datetime,
     ti_key: str,
     limit: int,
+    seq: int = 0,
 ) -> Bound:
     """PostgreSQL, one statement: claim up to ``limit`` ready rows of a pool (``slot`` None)
-    or a slot's row, for this try."""
+    or one row (a slot's, or item ``seq`` of a pool), for this try."""
     params = {
         "p_output": output_id,
         "p_gen": generation,
@@ -256,7 +263,7 @@ def claim_ready_now(
     }
     if slot is None:
         return _CLAIM_READY_NOW, params
-    return _CLAIM_SLOT_NOW, {**params, "p_slot": slot}
+    return _CLAIM_SLOT_NOW, {**params, "p_slot": slot, "p_seq": seq}
 
 
 def consume_all_now(
@@ -278,14 +285,14 @@ def consume_all_now(
     return stmt, {**params, "inputs": inputs, "n": len(params["ids"])}
 
 
-def lock_slot(output_id: str, generation: int, slot: str) -> Bound:
-    """Lock the one row of a slot (modes each/one); a row being claimed elsewhere is skipped."""
-    return _LOCK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot}
+def lock_slot(output_id: str, generation: int, slot: str, seq: int = 0) -> Bound:
+    """Lock one row (a slot's in modes each/one, or item ``seq``); one being claimed elsewhere is skipped."""
+    return _LOCK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot, "p_seq": seq}
 
 
-def peek_slot(output_id: str, generation: int, slot: str) -> Bound:
-    """Read a slot without locking, to explain why :func:`lock_slot` returned nothing."""
-    return _PEEK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot}
+def peek_slot(output_id: str, generation: int, slot: str, seq: int = 0) -> Bound:
+    """Read that row without locking, to explain why :func:`lock_slot` returned nothing."""
+    return _PEEK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot, "p_seq": seq}
 
 
 def lock_ready(output_id: str, generation: int, limit: int) -> Bound:

@@ -152,3 +152,85 @@ def test_mapped_intruder_is_refused_at_parse_time() -> None:
         def intruder(items: list[int], shard: int) -> None: ...
 
         intruder.partial(items=produce()).expand(shard=[0, 1])
+
+
+# -- .override() and mapping: checked where every path passes ---------------------------------
+
+
+def test_override_is_checked_like_the_decorator() -> None:
+    @exclusive_task(consumers=["b"], mode="items")
+    def work() -> list[int]:
+        return [1]
+
+    with _dag(), pytest.raises(ConfigurationError, match=r"mode='bogus' is not one of 'each', 'one', 'items'"):
+        work.override(mode="bogus")()
+    with _dag(), pytest.raises(ConfigurationError, match="batch_size= must be a positive int, got -5"):
+        work.override(batch_size=-5)()
+    with _dag(), pytest.raises(ConfigurationError, match="max_items= must be a positive int or None, got 0"):
+        work.override(max_items=0)()
+
+
+def test_a_mapped_task_is_checked_when_the_dag_is_parsed() -> None:
+    @exclusive_task
+    def work(x: int) -> int:
+        return x
+
+    with _dag(), pytest.raises(ConfigurationError, match="batch_size= must be a positive int, got -5"):
+        work.override(batch_size=-5).expand(x=[1, 2])
+
+
+def _producer(mode: str) -> object:
+    @exclusive_task(consumers=["work"], mode=mode)
+    def produce() -> list[int]:
+        return [1, 2]
+
+    return produce
+
+
+@pytest.mark.parametrize("mode", ["each", "one"])
+def test_a_mapped_consumer_given_a_single_read_through_partial_is_refused(mode: str) -> None:
+    @exclusive_task
+    def work(items: list[int], shard: int) -> int:
+        return len(items)
+
+    with _dag(), pytest.raises(ConfigurationError) as info:
+        work.partial(items=_producer(mode)()).expand(shard=[0, 1])  # type: ignore[operator]
+    assert str(info.value) == (
+        f"task 'work' is mapped and gets the exclusive output of 'produce' (mode={mode!r}) through "
+        ".partial(items=...): its instances would compete for one read. Map over it instead, "
+        ".expand(items=...), or give 'produce' mode='items' so that the instances share its items as a work queue"
+    )
+
+
+def test_mapping_over_a_single_value_output_is_refused() -> None:
+    @exclusive_task
+    def work(item: int) -> int:
+        return item
+
+    with _dag(), pytest.raises(ConfigurationError) as info:
+        work.expand(item=_producer("each")())  # type: ignore[operator]
+    assert str(info.value).startswith(
+        "task 'work' maps over the exclusive output of 'produce', which has mode='each': .expand() gives each "
+        "mapped instance one item, so 'produce' needs mode='items'"
+    )
+
+
+def test_expand_kwargs_over_an_exclusive_output_is_refused() -> None:
+    @exclusive_task
+    def work(item: int) -> int:
+        return item
+
+    with _dag(), pytest.raises(ConfigurationError, match=r"expand_kwargs\(\) with the exclusive output of 'produce'"):
+        work.expand_kwargs(_producer("items")())  # type: ignore[operator]
+
+
+def test_an_items_output_can_be_mapped_over() -> None:
+    @exclusive_task
+    def work(item: int) -> int:
+        return item
+
+    with _dag():
+        mapped = work.expand(item=_producer("items")())  # type: ignore[operator]
+    ((op, _),) = mapped.iter_references()
+    (producer, key), *_ = op.op_kwargs_expand_input.value["item"].iter_references()
+    assert (producer.task_id, key) == ("produce", "return_value"), "mapped over the handles of its items"
