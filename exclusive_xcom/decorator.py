@@ -141,8 +141,22 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
             return value
         keys = session.env.keyring
         context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(keys))
-        size = session.env.ledger.size(handle.output, handle.generation) if handle.mode == "items" else None
-        return mapping_value(self, context["ti"], handle, size, keys)  # what mapped consumers map over
+        return mapping_value(self, context["ti"], handle, self._size(session, handle, context), keys)
+
+    def _mapping_slots(self, context: Any) -> tuple[str, ...]:
+        """Consumers mapped over this (unmapped, mode each) output: one row per element each."""
+        map_index = context["ti"].map_index
+        if self.mode != "each" or (map_index is not None and map_index >= 0):
+            return ()
+        mapped = {consumer_slot(self.dag_id, d.task_id) for d in self.iter_mapped_dependants() if hasattr(d, "task_id")}
+        return tuple(sorted(mapped & set(self.consumer_slots())))
+
+    def _size(self, session: Session, handle: Handle, context: Any) -> int | None:
+        """How many elements mapped consumers get (items, or one mapped consumer's rows)."""
+        if handle.mode == "items":
+            return session.env.ledger.size(handle.output, handle.generation)
+        split = self._mapping_slots(context)
+        return session.env.ledger.size(handle.output, handle.generation, split[0]) if split else None
 
     def _run(self, context: Any, session: Session, args: Any, found: list[Any]) -> tuple[Handle | None, Any]:
         """Claim, run the function, finish: the handle to publish, or the plain return value."""
@@ -161,7 +175,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         if not self.consumers:
             session.finish()
             return None, value
-        production, handle = session.production(value, self.mode, self.consumer_slots())
+        production, handle = session.production(value, self.mode, self.consumer_slots(), self._mapping_slots(context))
         session.finish([production])
         return handle, None
 

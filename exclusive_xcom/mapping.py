@@ -3,8 +3,10 @@
 Airflow maps a task over an upstream's ``return_value`` only (it counts the instances from
 that push), so an exclusive output is mapped over through it: a consumer's ``.expand()``
 refers to the producer's ``return_value``, and a producer with mapped consumers returns,
-besides its reserved-key handle, what Airflow is to map over — one signed handle per item
-(mode ``items``), or, when the producer is itself mapped, its own handle per instance.
+besides its reserved-key handle, what Airflow is to map over — one signed handle per
+element (mode ``items``: per item; mode ``each``: per element of the mapped consumer's own
+rows, one per element of the list), or, when the producer is itself mapped, its own
+handle per instance.
 The XCom table still holds handles only, never a payload.
 """
 
@@ -20,7 +22,7 @@ from airflow.sdk.definitions.xcom_arg import PlainXComArg, XComArg, ZipXComArg
 
 from exclusive_xcom.errors import ConfigurationError
 from exclusive_xcom.handle import RESERVED_KEY, Handle
-from exclusive_xcom.ledger import ITEMS
+from exclusive_xcom.ledger import ITEMS, ONE
 
 RETURN_KEY = "return_value"
 
@@ -90,12 +92,12 @@ def _refuse_nested(value: Any, consumer: str, how: str) -> None:
 
 def _check_mappable(producer: Any, consumer: str) -> None:
     mode = mode_of(producer)
-    if isinstance(producer, MappedOperator) or mode == ITEMS:
+    if isinstance(producer, MappedOperator) or mode != ONE:
         return
     raise ConfigurationError(
-        f"{_who(consumer)} maps over the exclusive output of {producer.task_id!r}, which has mode={mode!r}: "
-        f".expand() gives each mapped instance one item, so {producer.task_id!r} needs mode='items' "
-        f"(or map the producer too: instance i of {consumer!r} then gets the output of its instance i)"
+        f"{_who(consumer)} maps over the exclusive output of {producer.task_id!r}, which has mode='one': it goes "
+        f"whole to one consumer, while .expand() gives each mapped instance one element; give {producer.task_id!r} "
+        "mode='items' (a work item per element) or mode='each'"
     )
 
 
@@ -123,14 +125,16 @@ def check_partial(consumer: str, partial_kwargs: Mapping[str, Any]) -> None:
 def mapping_value(task: Any, ti: Any, handle: Handle, size: int | None, keys: Any) -> Any:
     """What a producer returns for Airflow to map its consumers over (None: nothing is mapped).
 
-    ``size`` is its item count (mode ``items``), needed only when the producer is not mapped.
+    ``size`` is its element count (mode ``items``, or mode ``each`` split for mapped
+    consumers), needed only when the producer is not mapped.
     """
     if next(task.iter_mapped_dependants(), None) is None:
         return None
     if ti.map_index is not None and ti.map_index >= 0:
         return handle.to_xcom(keys)  # instance i of the consumer gets this instance's output
-    if handle.mode != ITEMS or size is None:
+    if handle.mode == ONE or size is None:
         raise ConfigurationError(
-            f"{handle.output.task_id!r} has mapped consumers but mode={handle.mode!r}: they need mode='items'"
+            f"{handle.output.task_id!r} has consumers mapped over it but mode={handle.mode!r}: "
+            "they need mode='items' or 'each'"
         )
     return [handle.element(seq).to_xcom(keys) for seq in range(size)]

@@ -306,16 +306,23 @@ class Session:
 
     # -- outputs ----------------------------------------------------------------------------
 
-    def production(self, value: Any, mode: str, consumers: tuple[str, ...]) -> tuple[Production, Handle]:
-        """The output to write; ``items`` are encoded lazily, as the ledger inserts them."""
+    def production(
+        self, value: Any, mode: str, consumers: tuple[str, ...], split: tuple[str, ...] = ()
+    ) -> tuple[Production, Handle]:
+        """The output to write; ``items`` are encoded lazily, as the ledger inserts them.
+
+        ``split`` (mode each): consumers mapped over the output, which get one row per element.
+        """
         output, generation = self._own_output(), self.claimant.try_number
         ref = output.ref()
         folder = f"{output.output_id}/{generation}"
+        handle = Handle(output, generation, mode, consumers)
         if mode == ITEMS:
             data: Any = (self._encode(v, folder, ref) for v in _iterable(value, ref))
-        else:
-            data = [self._encode(value, folder, ref)]
-        return Production(output, generation, mode, consumers, data), Handle(output, generation, mode, consumers)
+            return Production(output, generation, mode, consumers, data), handle
+        elements = [self._encode(v, folder, ref) for v in _iterable(value, ref)] if split else []
+        whole = [self._encode(value, folder, ref)] if set(consumers) - set(split) else []
+        return Production(output, generation, mode, consumers, whole, split, elements), handle
 
     def handle_of(self, generation: int, mode: str, consumers: tuple[str, ...]) -> Handle:
         """The handle of the output an earlier try (``generation``) of this task instance wrote."""
@@ -370,7 +377,8 @@ class Lost(Exception):
 def _iterable(value: Any, ref: Any) -> Iterator[Any]:
     if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
         raise PayloadError(
-            f"mode='items' needs an iterable return value (list, tuple, generator, ...), got {type(value).__name__}",
+            "mode='items' (or a consumer mapped over the output) needs an iterable return value (list, tuple, "
+            f"generator, ...), got {type(value).__name__}",
             ref,
         )
     return iter(value)

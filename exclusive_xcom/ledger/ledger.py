@@ -199,13 +199,19 @@ def inputs_key(inputs: Iterable[tuple[Output, int]]) -> str:
 
 @dataclass(frozen=True)
 class Production:
-    """An output to write: one payload (modes each/one) or one per element (mode items)."""
+    """An output to write: one payload (modes each/one) or one per element (mode items).
+
+    Mode each, ``split``: these consumers map over the output, so their slots get one row
+    per element (``elements``, in order) instead of the whole value.
+    """
 
     output: Output
     generation: int
     mode: str
     consumers: tuple[str, ...]
     payloads: Iterable[bytes | Offloaded]
+    split: tuple[str, ...] = ()
+    elements: Sequence[bytes | Offloaded] = ()
 
 
 class Ledger:
@@ -362,9 +368,9 @@ class Ledger:
                 raise
             return []  # a blob left behind is swept by purge
 
-    def size(self, output: Output, generation: int) -> int:
-        """How many rows one generation of an output has (mode items: its item count)."""
-        stmt = q.count_output(output.output_id, generation)
+    def size(self, output: Output, generation: int, slot: str | None = None) -> int:
+        """How many rows one generation of an output has (in ``slot``): its item count."""
+        stmt = q.count_output(output.output_id, generation, slot)
         return int(self._run(lambda conn: conn.execute(stmt).scalar_one(), output.ref()))
 
     def _unneeded(self, conn: sa.Connection, uris: Sequence[str]) -> list[str]:
@@ -840,11 +846,16 @@ def _rows(production: Production, base: dict[str, Any]) -> Iterator[dict[str, An
         for seq, payload in enumerate(production.payloads):
             yield {**base, "slot": SHARED_SLOT, "seq": seq, **_payload_columns(payload)}
         return
-    (payload,) = production.payloads
-    columns = _payload_columns(payload)
     slots = sorted(production.consumers) if production.mode == EACH else [SHARED_SLOT]
-    for slot in slots:  # mode each: every slot's row shares the one payload (and blob)
-        yield {**base, "slot": slot, "seq": 0, **columns}
+    whole = [slot for slot in slots if slot not in production.split]
+    if whole:
+        (payload,) = production.payloads
+        columns = _payload_columns(payload)
+        for slot in whole:  # mode each: every slot's row shares the one payload (and blob)
+            yield {**base, "slot": slot, "seq": 0, **columns}
+    for slot in sorted(production.split):
+        for seq, element in enumerate(production.elements):
+            yield {**base, "slot": slot, "seq": seq, **_payload_columns(element)}
 
 
 def _payload_columns(payload: bytes | Offloaded) -> dict[str, Any]:

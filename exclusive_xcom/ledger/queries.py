@@ -392,8 +392,9 @@ def select_by_ids(ids: Sequence[int]) -> Rows:
     return sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id)
 
 
-def count_output(output_id: str, generation: int) -> sa.Select[int]:
-    return sa.select(sa.func.count()).where(item.c.output_id == output_id, item.c.generation == generation)
+def count_output(output_id: str, generation: int, slot: str | None = None) -> sa.Select[int]:
+    stmt = sa.select(sa.func.count()).where(item.c.output_id == output_id, item.c.generation == generation)
+    return stmt if slot is None else stmt.where(item.c.slot == slot)
 
 
 def release_any(ids: Sequence[int]) -> sa.Update:

@@ -73,3 +73,24 @@ def test_a_zip_of_two_mapped_exclusive_outputs(dag_runs: Result) -> None:
     assert sorted((x["map_index"], x["value"]) for x in run.xcoms("pair", "return_value")) == [(0, "1a"), (1, "2b")]
     rows = dag_runs.ledger_rows()
     assert _consumed_once(rows, "left") == {0: 0, 1: 1} and _consumed_once(rows, "right") == {0: 0, 1: 1}
+
+
+@pytest.mark.dag_runs(DAGS, [{"dag_id": "e2e_map_each"}])
+def test_a_consumer_mapped_over_a_mode_each_list_gets_one_element_per_instance(dag_runs: Result) -> None:
+    """The mapped consumer's slot holds one row per element; the other consumer's the whole list."""
+    run = dag_runs.run
+    assert run.state == "success", dag_runs.tail()
+    assert sorted((x["map_index"], x["value"]) for x in run.xcoms("handle", "return_value")) == [
+        (0, 11),
+        (1, 21),
+        (2, 31),
+    ]
+    assert [x["value"] for x in run.xcoms("audit", "return_value")] == [60]
+    rows = dag_runs.ledger_rows()
+    assert {(r["slot"].split("/")[-1], r["seq"], r["owner_map_index"]) for r in rows} == {
+        ("audit", 0, -1),
+        ("handle", 0, 0),
+        ("handle", 1, 1),
+        ("handle", 2, 2),
+    }
+    assert {r["state"] for r in rows} == {"consumed"}

@@ -208,10 +208,11 @@ def test_mapping_over_a_single_value_output_is_refused() -> None:
         return item
 
     with _dag(), pytest.raises(ConfigurationError) as info:
-        work.expand(item=_producer("each")())  # type: ignore[operator]
-    assert str(info.value).startswith(
-        "task 'work' maps over the exclusive output of 'produce', which has mode='each': .expand() gives each "
-        "mapped instance one item, so 'produce' needs mode='items'"
+        work.expand(item=_producer("one")())  # type: ignore[operator]
+    assert str(info.value) == (
+        "task 'work' maps over the exclusive output of 'produce', which has mode='one': it goes whole to one "
+        "consumer, while .expand() gives each mapped instance one element; give 'produce' mode='items' (a work "
+        "item per element) or mode='each'"
     )
 
 
@@ -224,13 +225,14 @@ def test_expand_kwargs_over_an_exclusive_output_is_refused() -> None:
         work.expand_kwargs(_producer("items")())  # type: ignore[operator]
 
 
-def test_an_items_output_can_be_mapped_over() -> None:
+@pytest.mark.parametrize("mode", ["items", "each"])
+def test_an_output_can_be_mapped_over(mode: str) -> None:
     @exclusive_task
     def work(item: int) -> int:
         return item
 
     with _dag():
-        mapped = work.expand(item=_producer("items")())  # type: ignore[operator]
+        mapped = work.expand(item=_producer(mode)())  # type: ignore[operator]
     ((op, _),) = mapped.iter_references()
     (producer, key), *_ = op.op_kwargs_expand_input.value["item"].iter_references()
     assert (producer.task_id, key) == ("produce", "return_value"), "mapped over the handles of its items"

@@ -80,3 +80,27 @@ e2e_map_items_dag = e2e_map_items()
 e2e_map_empty_dag = e2e_map_empty()
 e2e_map_mapped_dag = e2e_map_mapped()
 e2e_map_zip_dag = e2e_map_zip()
+
+
+@dag(schedule=None, start_date=START, catchup=False)
+def e2e_map_each():
+    """Mode each: the mapped consumer gets one element per instance, another consumer the whole list."""
+
+    @exclusive_task(consumers=["handle", "audit"])
+    def produce() -> list[int]:
+        return [10, 20, 30]
+
+    @exclusive_task
+    def handle(n: int) -> int:
+        return n + 1
+
+    @exclusive_task
+    def audit(all_of_them: list[int]) -> int:
+        return sum(all_of_them)
+
+    out = produce()
+    handle.expand(n=out)
+    audit(out)
+
+
+e2e_map_each_dag = e2e_map_each()
