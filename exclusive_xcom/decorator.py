@@ -95,8 +95,32 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
             **kwargs,
         )
 
-    def consumer_slots(self) -> tuple[str, ...]:
-        return tuple(c if "/" in c else consumer_slot(self.dag_id, c) for c in self.consumers)
+    def consumer_slots(self, strict: bool = False) -> tuple[str, ...]:
+        """The consumers' ledger names; ``strict`` (the DAG is complete): an unknown name fails."""
+        return tuple(c if "/" in c else consumer_slot(self.dag_id, self._task_id_of(c, strict)) for c in self.consumers)
+
+    def _task_id_of(self, name: str, strict: bool) -> str:
+        """A consumer's task id: ``name`` itself, or ``name`` within this task's group (``grp.name``)."""
+        group: Any = self.task_group
+        grouped = str(group.child_id(name)) if group is not None else name
+        dag: Any = getattr(self, "_dag", None)  # None while the task is not yet in a DAG
+        tasks = dag.task_dict if dag is not None else {}
+        found = [t for t in dict.fromkeys((name, grouped)) if t in tasks]
+        if len(found) > 1:
+            raise ConfigurationError(
+                f"consumers=[{name!r}] of {self.task_id!r} is ambiguous: DAG {self.dag_id!r} has both "
+                f"{found[0]!r} and {found[1]!r}; write the full task id"
+            )
+        if found:
+            return found[0]
+        if strict:
+            close = difflib.get_close_matches(name, list(tasks), n=3, cutoff=0.5)
+            hint = f" (close: {', '.join(repr(t) for t in close)})" if close else ""
+            raise ConfigurationError(
+                f"consumers=[{name!r}] of {self.task_id!r} names no task of DAG {self.dag_id!r}{hint}; "
+                "use the consumer's task id, or its id within this task's group"
+            )
+        return grouped  # not defined yet: it is looked up again when wired and when this task runs
 
     def _consumer_dags(self) -> set[str]:
         return {slot.split("/", 1)[0] for slot in self.consumer_slots()} - {self.dag_id}
@@ -175,7 +199,9 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         if not self.consumers:
             session.finish()
             return None, value
-        production, handle = session.production(value, self.mode, self.consumer_slots(), self._mapping_slots(context))
+        production, handle = session.production(
+            value, self.mode, self.consumer_slots(strict=True), self._mapping_slots(context)
+        )
         session.finish([production])
         return handle, None
 

@@ -236,3 +236,49 @@ def test_an_output_can_be_mapped_over(mode: str) -> None:
     ((op, _),) = mapped.iter_references()
     (producer, key), *_ = op.op_kwargs_expand_input.value["item"].iter_references()
     assert (producer.task_id, key) == ("produce", "return_value"), "mapped over the handles of its items"
+
+
+# -- task groups ---------------------------------------------------------------------------------
+
+
+def test_a_name_both_in_the_group_and_at_the_top_is_ambiguous() -> None:
+    from airflow.sdk import TaskGroup
+
+    @exclusive_task
+    def load(value: dict) -> None: ...
+
+    with _dag(), pytest.raises(ConfigurationError) as info:
+        load.override(task_id="load")({"n": 1})  # a top-level "load" ...
+
+        with TaskGroup("grp"):
+
+            @exclusive_task(consumers=["load"])
+            def produce() -> dict:
+                return {}
+
+            load(produce())  # ... and "grp.load"
+    assert str(info.value) == (
+        "consumers=['load'] of 'grp.produce' is ambiguous: DAG 'd' has both 'load' and 'grp.load'; "
+        "write the full task id"
+    )
+
+
+def test_an_unknown_consumer_name_lists_the_close_task_ids_once_the_dag_is_complete() -> None:
+    from airflow.sdk import TaskGroup
+
+    with _dag() as dag, TaskGroup("grp"):
+
+        @exclusive_task(consumers=["laod"])
+        def produce() -> dict:
+            return {}
+
+        @exclusive_task
+        def load() -> None: ...
+
+        produce() >> load()
+    with pytest.raises(ConfigurationError) as info:
+        dag.task_dict["grp.produce"].consumer_slots(strict=True)  # type: ignore[union-attr]
+    assert str(info.value) == (
+        "consumers=['laod'] of 'grp.produce' names no task of DAG 'd' (close: 'grp.load'); "
+        "use the consumer's task id, or its id within this task's group"
+    )
