@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from exclusive_xcom.api import claim
+    from exclusive_xcom.assets import from_asset
     from exclusive_xcom.decorator import Consumer, exclusive_task, from_conf
     from exclusive_xcom.errors import (
         AlreadyConsumedError,
@@ -27,6 +28,7 @@ _WHERE = {
     "Consumer": "exclusive_xcom.decorator",
     "exclusive_task": "exclusive_xcom.decorator",
     "from_conf": "exclusive_xcom.decorator",
+    "from_asset": "exclusive_xcom.assets",
     "AlreadyConsumedError": "exclusive_xcom.errors",
     "ClaimConflictError": "exclusive_xcom.errors",
     "ExclusiveXComError": "exclusive_xcom.errors",
@@ -45,6 +47,7 @@ __all__ = [
     "PayloadError",
     "claim",
     "exclusive_task",
+    "from_asset",
     "from_conf",
 ]
 

@@ -22,6 +22,7 @@ from airflow.sdk.bases.operator import BaseOperator
 from airflow.sdk.definitions.xcom_arg import XComArg
 from airflow.sdk.exceptions import AirflowSkipException
 
+from exclusive_xcom import assets
 from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY, Handle
 from exclusive_xcom.ledger import MODES, consumer_slot
@@ -165,6 +166,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
             return value
         keys = session.env.keyring
         context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(keys))
+        assets.announce(self, context, handle, keys)
         return mapping_value(self, context["ti"], handle, self._size(session, handle, context), keys)
 
     def _mapping_slots(self, context: Any) -> tuple[str, ...]:
@@ -220,7 +222,10 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
 
 
 def _resolve_conf(value: Any, context: Any) -> Any:
-    """Replace :func:`from_conf` markers with the handle the triggering run passed in."""
+    """Replace :func:`from_conf` markers with the handle the triggering run passed in, and
+    :func:`~exclusive_xcom.assets.from_asset` markers with the handles its asset events carried."""
+    if assets.is_marker(value):
+        return assets.handles_in_events(value, context)
     if isinstance(value, Mapping) and CONF_MARKER in value:
         key = value[CONF_MARKER]
         conf = getattr(context.get("dag_run"), "conf", None) or {}

@@ -79,11 +79,12 @@ def _tail(path: Path, lines: int = 60) -> str:
 class Deployment:
     """One Airflow installation: its home, its environment and its three services."""
 
-    def __init__(self, home: Path, metadata_url: str, ledger_url: str) -> None:
+    def __init__(self, home: Path, metadata_url: str, ledger_url: str, dag_files: tuple[Path, ...]) -> None:
         self.home = home
         self.dags = home / "dags"
         self.dags.mkdir(parents=True)
-        shutil.copyfile(DAG_FILE, self.dags / DAG_FILE.name)
+        for dag_file in dag_files:
+            shutil.copyfile(dag_file, self.dags / dag_file.name)
         self.metadata_url = metadata_url
         self.port = _free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -208,7 +209,7 @@ class Deployment:
 
     def logs(self, lines: int = 40) -> str:
         parts = [f"\n--- {s} (last {lines} lines) ---\n{_tail(self.home / f'{s}.out', lines)}" for s in SERVICES]
-        for path in sorted((self.home / "logs").glob(f"dag_id={DAG_ID}/**/*.log")):
+        for path in sorted((self.home / "logs").glob("dag_id=*/**/*.log")):
             parts.append(f"\n--- {path.relative_to(self.home / 'logs')} (last {lines} lines) ---\n{_tail(path, lines)}")
         return "".join(parts)
 
@@ -247,9 +248,14 @@ def metadata_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, metadata_url: str, ledger_url: str) -> Iterator[Deployment]:
+def dag_files() -> tuple[Path, ...]:
+    return (DAG_FILE,)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, metadata_url: str, ledger_url: str, dag_files: tuple[Path, ...]) -> Iterator[Deployment]:
     """An Airflow home whose services the test starts; every process of it is stopped afterwards."""
-    deployment = Deployment(tmp_path / "airflow_home", metadata_url, ledger_url)
+    deployment = Deployment(tmp_path / "airflow_home", metadata_url, ledger_url, dag_files)
     try:
         yield deployment
     finally:
@@ -367,3 +373,118 @@ def test_mapped_workers_share_5000_items_exactly_once_under_a_real_scheduler(
 
     # The work was really shared: the workers' claims raced, and more than one of them won orders.
     assert len(owners) >= 2, f"one worker drained the whole pool: {dict(owners)}{logs()}"
+
+
+# -- mapping shapes and an asset hand-off under the same real scheduler -------------------------
+
+ASSET_FILE = REPO / "example_dags" / "exclusive_asset_handoff.py"
+MAPPING_FILE = REPO / "tests" / "e2e" / "dags" / "mapping.py"
+TRIGGERED = ("e2e_map_items", "e2e_map_mapped", "exclusive_asset_producer")
+ON_THE_ASSET = ("exclusive_asset_consumer", "exclusive_asset_bystander")
+
+
+def _runs(meta: sa.Engine, dag_id: str) -> list[Any]:
+    with meta.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT run_id, state, run_type FROM dag_run WHERE dag_id = :d"), {"d": dag_id}
+        ).all()
+
+
+def _returned(meta: sa.Engine, dag_id: str, task_id: str) -> dict[int, Any]:
+    with meta.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT map_index, value FROM xcom WHERE dag_id = :d AND task_id = :t AND key = 'return_value'"),
+            {"d": dag_id, "t": task_id},
+        ).all()
+    return {m: v if not isinstance(v, str) else json.loads(v) for m, v in rows}
+
+
+def _ledger(ledger_url: str, dag_id: str) -> list[Any]:
+    ledger = sa.create_engine(ledger_url, poolclass=sa.NullPool)
+    try:
+        with ledger.connect() as conn:
+            sql = (
+                "SELECT task_id, map_index, seq, slot, state, owner_dag_id, owner_task_id, owner_map_index "
+                "FROM exclusive_xcom_item WHERE dag_id = :d"
+            )
+            return list(conn.execute(sa.text(sql), {"d": dag_id}).mappings())
+    finally:
+        ledger.dispose()
+
+
+@pytest.mark.parametrize("dag_files", [(MAPPING_FILE, ASSET_FILE)])
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_mapping_shapes_and_an_asset_hand_off_under_a_real_scheduler(
+    deployment: Deployment, ledger_url: str, backend: str
+) -> None:
+    """Mapped instances run in parallel (LocalExecutor); each still claims exactly its own
+    element. The asset event triggers the consumer DAG and the bystander DAG: the consumer
+    reads the output once, the bystander sees a handle and is refused the data."""
+    deployment.cli("db", "migrate", timeout=MIGRATE_DEADLINE)
+    deployment.start()
+    meta = sa.create_engine(deployment.metadata_url, poolclass=sa.NullPool)
+    try:
+        _wait_for("the API server", lambda: _api_healthy(deployment.port), START_DEADLINE, deployment)
+        every = TRIGGERED + ON_THE_ASSET
+        _wait_for(
+            "the DAGs to be serialized",
+            lambda: all(_scalar(meta, "SELECT count(*) FROM serialized_dag WHERE dag_id = :d", d=d) for d in every),
+            START_DEADLINE,
+            deployment,
+        )
+        for dag_id in every:
+            deployment.cli("dags", "unpause", dag_id)
+        for dag_id in TRIGGERED:
+            deployment.cli("dags", "trigger", dag_id)
+
+        def all_finished() -> bool:
+            runs = {d: _runs(meta, d) for d in every}
+            return all(runs[d] and all(r.state in ("success", "failed") for r in runs[d]) for d in every)
+
+        _wait_for("every run to finish", all_finished, RUN_DEADLINE, deployment)
+        states = {d: [(r.state, r.run_type) for r in _runs(meta, d)] for d in every}
+        returned = {
+            "handle": _returned(meta, "e2e_map_items", "handle"),
+            "consume": _returned(meta, "e2e_map_mapped", "consume"),
+            "ingest": _returned(meta, "exclusive_asset_consumer", "ingest"),
+            "peek": _returned(meta, "exclusive_asset_bystander", "peek"),
+        }
+        with meta.connect() as conn:
+            xcom_text = " ".join(str(v) for (v,) in conn.execute(sa.text("SELECT value FROM xcom")))
+    finally:
+        meta.dispose()
+    logs = deployment.logs
+    print(f"\n[{backend} ledger] {states}")
+
+    for dag_id in TRIGGERED + ("exclusive_asset_consumer",):
+        assert states[dag_id] == [("success", "asset_triggered" if dag_id in ON_THE_ASSET else "manual")], (
+            f"{dag_id}: {states[dag_id]}{logs()}"
+        )
+    assert states["exclusive_asset_bystander"] == [("failed", "asset_triggered")], logs()
+
+    # Mapping: instance i got element i (or producer instance i), each consumed once, by it.
+    assert returned["handle"] == {i: i * 2 for i in range(5)}
+    items = _ledger(ledger_url, "e2e_map_items")
+    assert sorted((r["seq"], r["state"], r["owner_map_index"]) for r in items) == [(i, "consumed", i) for i in range(5)]
+    assert returned["consume"] == {0: 20, 1: 40, 2: 60}
+    mapped = _ledger(ledger_url, "e2e_map_mapped")
+    assert sorted((r["map_index"], r["state"], r["owner_map_index"]) for r in mapped) == [
+        (i, "consumed", i) for i in range(3)
+    ]
+
+    # The asset: the consumer read the output once; the bystander saw only a handle.
+    assert returned["ingest"] == {-1: 3}, logs()
+    (row,) = _ledger(ledger_url, "exclusive_asset_producer")
+    assert (row["state"], row["owner_dag_id"], row["owner_task_id"]) == (
+        "consumed",
+        "exclusive_asset_consumer",
+        "ingest",
+    )
+    ((peeked,),) = [v for v in returned["peek"].values()]
+    assert peeked["exclusive_xcom_handle"]["task_id"] == "export" and "orders" not in json.dumps(peeked)
+    snoop_logs = "".join(
+        p.read_text(errors="replace")
+        for p in (deployment.home / "logs").glob("dag_id=exclusive_asset_bystander/**/task_id=snoop/**/*.log")
+    )
+    assert "NotAuthorizedError" in snoop_logs and "is not a named consumer" in snoop_logs, logs()
+    assert "'orders':" not in xcom_text and "'batch':" not in xcom_text, "a payload reached the XCom table"
