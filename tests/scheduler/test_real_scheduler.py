@@ -385,9 +385,9 @@ ON_THE_ASSET = ("exclusive_asset_consumer", "exclusive_asset_bystander")
 
 def _runs(meta: sa.Engine, dag_id: str) -> list[Any]:
     with meta.connect() as conn:
-        return conn.execute(
-            sa.text("SELECT run_id, state, run_type FROM dag_run WHERE dag_id = :d"), {"d": dag_id}
-        ).all()
+        return list(
+            conn.execute(sa.text("SELECT run_id, state, run_type FROM dag_run WHERE dag_id = :d"), {"d": dag_id})
+        )
 
 
 def _returned(meta: sa.Engine, dag_id: str, task_id: str) -> dict[int, Any]:
