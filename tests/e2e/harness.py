@@ -73,6 +73,10 @@ class Run:
     def xcoms(self, task_id: str | None = None, key: str | None = None) -> list[dict[str, Any]]:
         return [x for x in self.xcom if task_id in (None, x["task_id"]) and key in (None, x["key"])]
 
+    def returned(self, task_id: str) -> dict[int, Any]:
+        """``task_id``'s return values by map index (-1 when not mapped)."""
+        return {x["map_index"]: x["value"] for x in self.xcoms(task_id, "return_value")}
+
     def task_log(self, task_id: str) -> str:
         """The part of the log where ``task_id`` ran."""
         return self.log.split(f"starting task_id={task_id} ", 1)[1].split("[DAG TEST] end task", 1)[0]

@@ -27,11 +27,7 @@ def test_a_consumer_named_within_its_group(dag_runs: Result) -> None:
 def test_each_instance_of_a_mapped_group_consumes_its_own_output(dag_runs: Result) -> None:
     run = dag_runs.run
     assert run.state == "success", dag_runs.tail()
-    assert sorted((x["map_index"], x["value"]) for x in run.xcoms("per.load", "return_value")) == [
-        (0, 100),
-        (1, 200),
-        (2, 300),
-    ]
+    assert run.returned("per.load") == {0: 100, 1: 200, 2: 300}
     rows = dag_runs.ledger_rows()
     assert sorted((r["map_index"], r["owner_map_index"], r["state"]) for r in rows) == [
         (0, 0, "consumed"),

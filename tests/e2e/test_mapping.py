@@ -36,9 +36,7 @@ def test_a_consumer_expanded_over_an_items_output_gets_one_item_per_instance(dag
     assert {k: v for k, v in run.states().items() if k.startswith("handle")} == {
         f"handle[{i}]": "success" for i in range(5)
     }
-    assert sorted((x["map_index"], x["value"]) for x in run.xcoms("handle", "return_value")) == [
-        (i, i * 2) for i in range(5)
-    ]
+    assert run.returned("handle") == {i: i * 2 for i in range(5)}
     assert _consumed_once(dag_runs.ledger_rows(), "produce") == {i: i for i in range(5)}
     (handles,) = [x["raw"] for x in run.xcoms("produce", "return_value")]
     assert [h["seq"] for h in handles] == list(range(5)), "one signed handle per item, no payload"
@@ -57,11 +55,7 @@ def test_an_empty_items_output_makes_no_instances(dag_runs: Result) -> None:
 def test_a_mapped_consumer_of_a_mapped_producer_pairs_instances(dag_runs: Result) -> None:
     run = dag_runs.run
     assert run.state == "success", dag_runs.tail()
-    assert sorted((x["map_index"], x["value"]) for x in run.xcoms("consume", "return_value")) == [
-        (0, 20),
-        (1, 40),
-        (2, 60),
-    ]
+    assert run.returned("consume") == {0: 20, 1: 40, 2: 60}
     assert _consumed_once(dag_runs.ledger_rows(), "produce") == {0: 0, 1: 1, 2: 2}
     _no_payload_in_xcom(run)
 
@@ -70,7 +64,7 @@ def test_a_mapped_consumer_of_a_mapped_producer_pairs_instances(dag_runs: Result
 def test_a_zip_of_two_mapped_exclusive_outputs(dag_runs: Result) -> None:
     run = dag_runs.run
     assert run.state == "success", dag_runs.tail()
-    assert sorted((x["map_index"], x["value"]) for x in run.xcoms("pair", "return_value")) == [(0, "1a"), (1, "2b")]
+    assert run.returned("pair") == {0: "1a", 1: "2b"}
     rows = dag_runs.ledger_rows()
     assert _consumed_once(rows, "left") == {0: 0, 1: 1} and _consumed_once(rows, "right") == {0: 0, 1: 1}
 
@@ -80,11 +74,7 @@ def test_a_consumer_mapped_over_a_mode_each_list_gets_one_element_per_instance(d
     """The mapped consumer's slot holds one row per element; the other consumer's the whole list."""
     run = dag_runs.run
     assert run.state == "success", dag_runs.tail()
-    assert sorted((x["map_index"], x["value"]) for x in run.xcoms("handle", "return_value")) == [
-        (0, 11),
-        (1, 21),
-        (2, 31),
-    ]
+    assert run.returned("handle") == {0: 11, 1: 21, 2: 31}
     assert [x["value"] for x in run.xcoms("audit", "return_value")] == [60]
     rows = dag_runs.ledger_rows()
     assert {(r["slot"].split("/")[-1], r["seq"], r["owner_map_index"]) for r in rows} == {
