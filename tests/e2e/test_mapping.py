@@ -84,3 +84,11 @@ def test_a_consumer_mapped_over_a_mode_each_list_gets_one_element_per_instance(d
         ("handle", 2, 2),
     }
     assert {r["state"] for r in rows} == {"consumed"}
+
+
+@pytest.mark.dag_runs(DAGS, [{"dag_id": "e2e_map_too_long"}], env={"AIRFLOW__CORE__MAX_MAP_LENGTH": "3"})
+def test_more_items_than_max_map_length_fail_the_producer_as_for_a_plain_task(dag_runs: Result) -> None:
+    run = dag_runs.run
+    assert run.state == "failed", dag_runs.tail()
+    assert run.states() == {"produce": "failed", "handle": "upstream_failed"}, run.states()
+    assert "pushed value is too large to map as a downstream's dependency" in run.log, dag_runs.tail()

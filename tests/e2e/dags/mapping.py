@@ -104,3 +104,21 @@ def e2e_map_each():
 
 
 e2e_map_each_dag = e2e_map_each()
+
+
+@dag(schedule=None, start_date=START, catchup=False)
+def e2e_map_too_long():
+    """More items than [core] max_map_length allows: the producer fails as a plain @task's would."""
+
+    @exclusive_task(consumers=["handle"], mode="items")
+    def produce():
+        return list(range(5))
+
+    @exclusive_task
+    def handle(n: int) -> int:
+        return n
+
+    handle.expand(n=produce())
+
+
+e2e_map_too_long_dag = e2e_map_too_long()
