@@ -19,6 +19,7 @@ import attr
 from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk.bases.decorator import DecoratedOperator, _TaskDecorator
 from airflow.sdk.bases.operator import BaseOperator
+from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.xcom_arg import XComArg
 from airflow.sdk.exceptions import AirflowSkipException
 
@@ -98,30 +99,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
 
     def consumer_slots(self, strict: bool = False) -> tuple[str, ...]:
         """The consumers' ledger names; ``strict`` (the DAG is complete): an unknown name fails."""
-        return tuple(c if "/" in c else consumer_slot(self.dag_id, self._task_id_of(c, strict)) for c in self.consumers)
-
-    def _task_id_of(self, name: str, strict: bool) -> str:
-        """A consumer's task id: ``name`` itself, or ``name`` within this task's group (``grp.name``)."""
-        group: Any = self.task_group
-        grouped = str(group.child_id(name)) if group is not None else name
-        dag: Any = getattr(self, "_dag", None)  # None while the task is not yet in a DAG
-        tasks = dag.task_dict if dag is not None else {}
-        found = [t for t in dict.fromkeys((name, grouped)) if t in tasks]
-        if len(found) > 1:
-            raise ConfigurationError(
-                f"consumers=[{name!r}] of {self.task_id!r} is ambiguous: DAG {self.dag_id!r} has both "
-                f"{found[0]!r} and {found[1]!r}; write the full task id"
-            )
-        if found:
-            return found[0]
-        if strict:
-            close = difflib.get_close_matches(name, list(tasks), n=3, cutoff=0.5)
-            hint = f" (close: {', '.join(repr(t) for t in close)})" if close else ""
-            raise ConfigurationError(
-                f"consumers=[{name!r}] of {self.task_id!r} names no task of DAG {self.dag_id!r}{hint}; "
-                "use the consumer's task id, or its id within this task's group"
-            )
-        return grouped  # not defined yet: it is looked up again when wired and when this task runs
+        return consumer_slots_of(self, self.consumers, strict)
 
     def _consumer_dags(self) -> set[str]:
         return {slot.split("/", 1)[0] for slot in self.consumer_slots()} - {self.dag_id}
@@ -219,6 +197,42 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
             return None
         log.warning("%s: this try publishes the output that try wrote (generation %d)", why, done.try_number)
         return session.handle_of(done.try_number, self.mode, self.consumer_slots())
+
+
+def consumer_slots_of(task: Any, consumers: Iterable[str], strict: bool) -> tuple[str, ...]:
+    """Ledger names of a producer's consumers (a mapped producer's too), resolved in its DAG."""
+    return tuple(c if "/" in c else consumer_slot(task.dag_id, _task_id_of(task, c, strict)) for c in consumers)
+
+
+def _task_id_of(task: Any, name: str, strict: bool) -> str:
+    """A consumer's task id: ``name`` itself, or ``name`` within the producer's group (``grp.name``)."""
+    group: Any = task.task_group
+    grouped = str(group.child_id(name)) if group is not None else name
+    tasks = task.dag.task_dict if task.has_dag() else {}  # none until the task is in a DAG
+    found = [t for t in dict.fromkeys((name, grouped)) if t in tasks]
+    if len(found) > 1:
+        raise ConfigurationError(
+            f"consumers=[{name!r}] of {task.task_id!r} is ambiguous: DAG {task.dag_id!r} has both "
+            f"{found[0]!r} and {found[1]!r}; write the full task id"
+        )
+    if found:
+        return found[0]
+    if strict:
+        close = difflib.get_close_matches(name, list(tasks), n=3, cutoff=0.5)
+        hint = f" (close: {', '.join(repr(t) for t in close)})" if close else ""
+        raise ConfigurationError(
+            f"consumers=[{name!r}] of {task.task_id!r} names no task of DAG {task.dag_id!r}{hint}; "
+            "use the consumer's task id, or its id within this task's group"
+        )
+    return grouped  # not defined yet: looked up again when wired, when the DAG is bagged, when it runs
+
+
+def check_consumers(task: Any) -> None:
+    """Every in-DAG consumer a producer names exists, once its DAG is complete (a cluster policy)."""
+    if isinstance(task, _ExclusiveDecoratedOperator):
+        task.consumer_slots(strict=True)
+    elif isinstance(task, MappedOperator) and _is_exclusive(task):
+        consumer_slots_of(task, _consumer_names(task.partial_kwargs.get("consumers"), slots_ok=True), strict=True)
 
 
 def _resolve_conf(value: Any, context: Any) -> Any:

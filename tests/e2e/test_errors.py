@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from exclusive_xcom import NotAuthorizedError
 from exclusive_xcom.handle import MARKER, RESERVED_KEY
+from tests.support import airflow_env
 
 from .driver import LEDGER_URL
 from .harness import EXAMPLE_DAGS, TEST_DAGS, Result
@@ -135,3 +137,57 @@ def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(dag_
     assert "this step changed nothing (it never reached its commit)" in message
     assert "[dag='exclusive_etl' run=" in message and "producer='extract' key='return_value'" in message
     assert run.xcoms("extract") == []
+
+
+TYPO_DAG = """
+import pendulum
+from airflow.sdk import dag, task_group
+from exclusive_xcom import exclusive_task
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"))
+def typo():
+    @task_group
+    def grp():
+        @exclusive_task(consumers=["laod"])
+        def produce() -> dict:
+            return {}
+
+        @exclusive_task
+        def load() -> None: ...
+
+        produce() >> load()
+
+    grp()
+
+
+typo()
+"""
+
+
+def test_a_consumer_name_of_no_task_is_a_dag_import_error(tmp_path: Path) -> None:
+    """Airflow's DagBag runs the package's cluster policy (the ``airflow.policy`` entry point)
+    once the DAG is complete: a misspelt consumer never wired as an argument is still caught
+    when the DAG is parsed."""
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "typo.py").write_text(TYPO_DAG)
+    script = (
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(dags)!r})\n"
+        "print('RESULT', sorted(bag.dags), list(bag.import_errors.values()))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=airflow_env(tmp_path, dags),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.startswith("RESULT [] ["), result  # the DAG was not bagged: an import error instead
+    assert (
+        "consumers=['laod'] of 'grp.produce' names no task of DAG 'typo' (close: 'grp.load'); "
+        "use the consumer's task id, or its id within this task's group"
+    ) in result, result
