@@ -399,6 +399,16 @@ def _returned(meta: sa.Engine, dag_id: str, task_id: str) -> dict[int, Any]:
     return {m: v if not isinstance(v, str) else json.loads(v) for m, v in rows}
 
 
+def _values(meta: sa.Engine, dag_id: str, task_id: str) -> list[Any]:
+    """``task_id``'s return values in every run of ``dag_id``."""
+    with meta.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT value FROM xcom WHERE dag_id = :d AND task_id = :t AND key = 'return_value'"),
+            {"d": dag_id, "t": task_id},
+        ).all()
+    return [v if not isinstance(v, str) else json.loads(v) for (v,) in rows]
+
+
 def _ledger(ledger_url: str, dag_id: str) -> list[Any]:
     ledger = sa.create_engine(ledger_url, poolclass=sa.NullPool)
     try:
@@ -418,49 +428,69 @@ def test_mapping_shapes_and_an_asset_hand_off_under_a_real_scheduler(
     deployment: Deployment, ledger_url: str, backend: str
 ) -> None:
     """Mapped instances run in parallel (LocalExecutor); each still claims exactly its own
-    element. The asset event triggers the consumer DAG and the bystander DAG: the consumer
-    reads the output once, the bystander sees a handle and is refused the data."""
+    element. The producer's asset events trigger the consumer DAG and the bystander DAG:
+    two events emitted while those are paused and one after are folded into fewer runs,
+    every output read once by the consumer; the bystander sees handles and is refused."""
     deployment.cli("db", "migrate", timeout=MIGRATE_DEADLINE)
     deployment.start()
     meta = sa.create_engine(deployment.metadata_url, poolclass=sa.NullPool)
+    every = TRIGGERED + ON_THE_ASSET
+
+    def finished(dag_ids: tuple[str, ...], runs: int = 1) -> bool:
+        found = {d: _runs(meta, d) for d in dag_ids}
+        return all(len(found[d]) >= runs and all(r.state in ("success", "failed") for r in found[d]) for d in dag_ids)
+
     try:
         _wait_for("the API server", lambda: _api_healthy(deployment.port), START_DEADLINE, deployment)
-        every = TRIGGERED + ON_THE_ASSET
         _wait_for(
             "the DAGs to be serialized",
             lambda: all(_scalar(meta, "SELECT count(*) FROM serialized_dag WHERE dag_id = :d", d=d) for d in every),
             START_DEADLINE,
             deployment,
         )
-        for dag_id in every:
-            deployment.cli("dags", "unpause", dag_id)
         for dag_id in TRIGGERED:
+            deployment.cli("dags", "unpause", dag_id)
             deployment.cli("dags", "trigger", dag_id)
-
-        def all_finished() -> bool:
-            runs = {d: _runs(meta, d) for d in every}
-            return all(runs[d] and all(r.state in ("success", "failed") for r in runs[d]) for d in every)
-
-        _wait_for("every run to finish", all_finished, RUN_DEADLINE, deployment)
-        states = {d: [(r.state, r.run_type) for r in _runs(meta, d)] for d in every}
+        deployment.cli("dags", "trigger", "exclusive_asset_producer")  # a second event, still nobody listening
+        _wait_for(
+            "the first runs to finish",
+            lambda: finished(TRIGGERED) and finished(TRIGGERED[2:], 2),
+            RUN_DEADLINE,
+            deployment,
+        )
+        for dag_id in ON_THE_ASSET:
+            deployment.cli("dags", "unpause", dag_id)
+        deployment.cli("dags", "trigger", "exclusive_asset_producer")  # the third event
+        _wait_for(
+            "the asset's three outputs to be consumed",
+            lambda: (
+                finished(every, 1)
+                and [r["state"] for r in _ledger(ledger_url, "exclusive_asset_producer")] == ["consumed"] * 3
+            ),
+            RUN_DEADLINE,
+            deployment,
+        )
+        _wait_for("every run to finish", lambda: finished(every), RUN_DEADLINE, deployment)
+        states = {d: sorted((r.state, r.run_type) for r in _runs(meta, d)) for d in every}
         returned = {
             "handle": _returned(meta, "e2e_map_items", "handle"),
             "consume": _returned(meta, "e2e_map_mapped", "consume"),
-            "ingest": _returned(meta, "exclusive_asset_consumer", "ingest"),
-            "peek": _returned(meta, "exclusive_asset_bystander", "peek"),
+            "ingest": _values(meta, "exclusive_asset_consumer", "ingest"),
+            "peek": _values(meta, "exclusive_asset_bystander", "peek"),
         }
         with meta.connect() as conn:
             xcom_text = " ".join(str(v) for (v,) in conn.execute(sa.text("SELECT value FROM xcom")))
     finally:
         meta.dispose()
     logs = deployment.logs
-    print(f"\n[{backend} ledger] {states}")
+    print(f"\n[{backend} ledger] {states}\n  ingest returned {returned['ingest']}")
 
-    for dag_id in TRIGGERED + ("exclusive_asset_consumer",):
-        assert states[dag_id] == [("success", "asset_triggered" if dag_id in ON_THE_ASSET else "manual")], (
-            f"{dag_id}: {states[dag_id]}{logs()}"
-        )
-    assert states["exclusive_asset_bystander"] == [("failed", "asset_triggered")], logs()
+    for dag_id in TRIGGERED[:2]:
+        assert states[dag_id] == [("success", "manual")], f"{dag_id}: {states[dag_id]}{logs()}"
+    assert states["exclusive_asset_producer"] == [("success", "manual")] * 3, logs()
+    consumer_runs = states["exclusive_asset_consumer"]
+    assert consumer_runs == [("success", "asset_triggered")] * len(consumer_runs), logs()
+    assert {s for s in states["exclusive_asset_bystander"]} == {("failed", "asset_triggered")}, logs()
 
     # Mapping: instance i got element i (or producer instance i), each consumed once, by it.
     assert returned["handle"] == {i: i * 2 for i in range(5)}
@@ -472,16 +502,14 @@ def test_mapping_shapes_and_an_asset_hand_off_under_a_real_scheduler(
         (i, "consumed", i) for i in range(3)
     ]
 
-    # The asset: the consumer read the output once; the bystander saw only a handle.
-    assert returned["ingest"] == {-1: 3}, logs()
-    (row,) = _ledger(ledger_url, "exclusive_asset_producer")
-    assert (row["state"], row["owner_dag_id"], row["owner_task_id"]) == (
-        "consumed",
-        "exclusive_asset_consumer",
-        "ingest",
-    )
-    ((peeked,),) = [v for v in returned["peek"].values()]
-    assert peeked["exclusive_xcom_handle"]["task_id"] == "export" and "orders" not in json.dumps(peeked)
+    # The asset: three outputs, each read once by the consumer, in fewer runs than events.
+    assert sum(returned["ingest"]) == 9 and len(consumer_runs) < 3, (returned["ingest"], consumer_runs)
+    rows = _ledger(ledger_url, "exclusive_asset_producer")
+    assert [(r["state"], r["owner_dag_id"], r["owner_task_id"]) for r in rows] == [
+        ("consumed", "exclusive_asset_consumer", "ingest")
+    ] * 3
+    extras = [extra for peeked in returned["peek"] for extra in peeked]
+    assert extras and all(e["exclusive_xcom_handle"]["task_id"] == "export" for e in extras), extras
     snoop_logs = "".join(
         p.read_text(errors="replace")
         for p in (deployment.home / "logs").glob("dag_id=exclusive_asset_bystander/**/task_id=snoop/**/*.log")
