@@ -2,21 +2,22 @@
 
 ``enqueue`` returns one list; every order in it becomes its own ledger item. The four
 ``charge`` instances run at the same time under a real scheduler (LocalExecutor,
-CeleryExecutor, ...): each claims batches of 25 with ``SELECT ... FOR UPDATE SKIP LOCKED``
-until the pool is empty, so they never wait for one another and no order is charged twice.
-Each instance then charges what it claimed and returns a summary (an ordinary XCom).
-
-A worker claims its whole share before its function runs; the share depends on how the
-workers' starts overlap, so one of them may well get more than the others (or, under
-``dag.test()``, which runs one task at a time, the first one gets everything and the
-rest receive ``[]``). ``EXCLUSIVE_PARALLEL_QUEUE_ORDERS`` sets the number of orders
-(default 5,000).
+CeleryExecutor, ...). Each takes its orders as an ``Iterator``: it claims a batch of 25
+with ``SELECT ... FOR UPDATE SKIP LOCKED`` when it needs the next order, and consumes the
+batch it has charged when it moves on, until the pool is empty; so the workers never wait
+for one another, share the pool with whoever is running, no order is charged twice, and a
+worker that dies costs at most its current batch (its retry takes it back first). Each
+returns a summary (an ordinary XCom). Under ``dag.test()``, which runs one task at a time,
+the first worker charges everything. ``EXCLUSIVE_PARALLEL_QUEUE_ORDERS`` sets the number of
+orders (default 5,000).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag
@@ -40,11 +41,13 @@ def exclusive_parallel_queue():
     def enqueue() -> list[dict]:
         return [{"order": i, "cents": 100 + i % 900} for i in range(ORDERS)]
 
-    @exclusive_task(batch_size=25)
-    def charge(orders: list[dict], shard: int) -> dict:
-        for _ in orders:
+    @exclusive_task(batch_size=25, retries=2, retry_delay=timedelta(seconds=10))
+    def charge(orders: Iterator[dict], shard: int) -> dict:
+        count = cents = 0
+        for order in orders:
             time.sleep(SECONDS_PER_ORDER)
-        return {"shard": shard, "orders": len(orders), "cents": sum(o["cents"] for o in orders)}
+            count, cents = count + 1, cents + order["cents"]
+        return {"shard": shard, "orders": count, "cents": cents}
 
     charge.partial(orders=enqueue()).expand(shard=list(range(WORKERS)))
 

@@ -8,9 +8,12 @@ not a named consumer). Everything else, templating, mapping, retries, is Airflow
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
 import logging
+import re
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from exclusive_xcom import assets
 from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
-from exclusive_xcom.handle import RESERVED_KEY, Handle
+from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
 from exclusive_xcom.ledger import MODES, consumer_slot
 from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
@@ -164,15 +167,18 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
 
     def _run(self, context: Any, session: Session, args: Any, found: list[Any]) -> tuple[Handle | None, Any]:
         """Claim, run the function, finish: the handle to publish, or the plain return value."""
-        if found:
-            try:
-                values = session.claim(found, self.batch_size, self.max_items)
-            except Lost as lost:
-                log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
-                raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
-            except DoneBefore as done:
-                return self._done_before(session, done), None
-            args = replace_handles(args, values)
+        args = self._with_streams(session, args)
+        found = find_handles(args)  # what is left to claim before the function runs
+        try:
+            if found:
+                args = replace_handles(args, session.claim(found, self.batch_size, self.max_items))
+            else:
+                session.check_done()
+        except Lost as lost:
+            log.info("exclusive_xcom: %s skipped: %s", session.claimant, lost)
+            raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
+        except DoneBefore as done:
+            return self._done_before(session, done), None
         self.op_args, self.op_kwargs = args
         with session.kept_alive():
             value = super().execute(context)
@@ -184,6 +190,22 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         )
         session.finish([production])
         return handle, None
+
+    def _with_streams(self, session: Session, args: Any) -> Any:
+        """``args`` with each handle passed to an ``Iterator``/``Iterable`` parameter made a stream."""
+        streamed = _streamed_parameters(self.python_callable)
+        if not streamed:
+            return args
+        op_args, op_kwargs = args
+        names = list(inspect.signature(self.python_callable).parameters)
+
+        def stream_if(name: str | None, value: Any) -> Any:
+            if name in streamed and is_handle(value):
+                return session.stream(value, self.batch_size, self.max_items)
+            return value
+
+        positional = [stream_if(names[i] if i < len(names) else None, v) for i, v in enumerate(op_args)]
+        return [positional, {k: stream_if(k, v) for k, v in op_kwargs.items()}]
 
     def _done_before(self, session: Session, done: DoneBefore) -> Handle | None:
         """An earlier try's finish committed (the try failed after it): succeed without running again."""
@@ -233,6 +255,20 @@ def check_consumers(task: Any) -> None:
         task.consumer_slots(strict=True)
     elif isinstance(task, MappedOperator) and _is_exclusive(task):
         consumer_slots_of(task, _consumer_names(task.partial_kwargs.get("consumers"), slots_ok=True), strict=True)
+
+
+def _streamed_parameters(function: Callable[..., Any]) -> set[str]:
+    """Parameters annotated ``Iterator[T]`` or ``Iterable[T]``: they get a work queue as a stream."""
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # a name the annotations use is not importable here: read them as written
+        parameters = inspect.signature(function).parameters.values()
+        return {p.name for p in parameters if isinstance(p.annotation, str) and _STREAMED_TEXT.match(p.annotation)}
+    return {name for name, hint in hints.items() if (typing.get_origin(hint) or hint) in _STREAMED}
+
+
+_STREAMED = (collections.abc.Iterator, collections.abc.Iterable)
+_STREAMED_TEXT = re.compile(r"^(?:[\w.]+\.)?(?:Iterator|Iterable)(?:\[.*\])?$")
 
 
 def _resolve_conf(value: Any, context: Any) -> Any:

@@ -22,7 +22,15 @@ from exclusive_xcom import handle as handles
 from exclusive_xcom import metrics
 from exclusive_xcom.config import Settings, get_ledger, keyring, load_settings
 from exclusive_xcom.crypto import Keyring
-from exclusive_xcom.errors import ExclusiveXComError, ItemRef, LedgerUnavailableError, PayloadError, amended, named
+from exclusive_xcom.errors import (
+    ConfigurationError,
+    ExclusiveXComError,
+    ItemRef,
+    LedgerUnavailableError,
+    PayloadError,
+    amended,
+    named,
+)
 from exclusive_xcom.handle import Handle
 from exclusive_xcom.ledger import (
     ITEMS,
@@ -38,6 +46,7 @@ from exclusive_xcom.ledger import (
 from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.payload import Codec
 from exclusive_xcom.storage import BlobStore
+from exclusive_xcom.stream import ItemStream
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -118,6 +127,9 @@ class Session:
     produced_items: int = 0
     offloaded_bytes: int = 0
     earlier: Finished | None = None  # an earlier try of this task instance that finished
+    streams: int = 0  # work queues read batch by batch while the function runs
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # ids vs. the heartbeat
+    _blob_ids: dict[int, str] = field(default_factory=dict, repr=False)  # offloaded items' blobs, by id
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -130,8 +142,7 @@ class Session:
         """
         parsed = [handles.parse(h, self.env.keyring, self.claimant.slot) for h in found]
         self.inputs.extend(parsed)
-        if self.earlier is not None and self.earlier.covers(self._input_outputs()):
-            raise DoneBefore(self.earlier.try_number)
+        self.check_done()
         first = min(batch_size, max_items) if max_items else batch_size
         try:
             result = self._claim([h.request(first) for h in parsed])
@@ -172,13 +183,58 @@ class Session:
                 break
         return drained
 
+    def check_done(self) -> None:
+        """Raise :class:`DoneBefore` if an earlier try of this task instance consumed these inputs."""
+        if self.earlier is not None and self.earlier.covers(self._input_outputs()):
+            raise DoneBefore(self.earlier.try_number)
+
+    def stream(self, found: Mapping[str, Any], batch_size: int, max_items: int | None) -> ItemStream:
+        """A work queue's items, claimed batch by batch while the function iterates."""
+        h = handles.parse(found, self.env.keyring, self.claimant.slot)
+        if h.mode != ITEMS or h.seq is not None:
+            raise ConfigurationError(
+                f"an Iterator/Iterable argument streams a work queue: {h.output.task_id!r} must have mode='items' "
+                f"(it has mode={h.mode!r}); annotate the argument with the value's type instead",
+                h.output.ref(self.claimant.slot),
+            )
+        self.inputs.append(h)
+        self.streams += 1
+        return ItemStream(self, h, batch_size, max_items)
+
+    def claim_batch(self, h: Handle, limit: int) -> tuple[list[int], list[Any]]:
+        """The next batch of a stream: its ids and values (the stream's claim errors say what the try holds)."""
+        try:
+            (claimed,) = self._claim([h.request(limit)]).claims
+            return claimed.ids, self._values(h, claimed.payloads)
+        except ExclusiveXComError as exc:
+            raise amended(exc, self._holding(exc)) from (exc.__cause__ or exc)
+
+    def acknowledge(self, ids: Sequence[int]) -> None:
+        """Consume a batch the function is done with, while it goes on (at most it is redone)."""
+        with self._lock:
+            blobs = [self._blob_ids.pop(i) for i in ids if i in self._blob_ids]
+            with named(self._ref()):
+                stale = self.env.ledger.finish(self.claimant, ids, (), blobs)
+            done, gone = set(ids), set(blobs)
+            self.ids[:] = [i for i in self.ids if i not in done]
+            self.blobs[:] = [uri for uri in self.blobs if uri not in gone]
+        log.info("exclusive_xcom: %s consumed %s (a batch it is done with)", self.claimant, _describe_ids(ids))
+        metrics.consumed(len(ids), dag_id=self.claimant.dag_id, task_id=self.claimant.task_id)
+        if stale:
+            self.env.codec.store.delete(stale)
+
     def _claim(self, requests: list[ClaimRequest]) -> ClaimResult:
         """One ledger claim: hold what it got, log each input's items and owner, count it."""
         started = time.perf_counter()
         result = self.env.ledger.claim(self.claimant, requests)
         elapsed = time.perf_counter() - started
-        self.ids.extend(result.ids)
-        self.blobs.extend(uri for c in result.claims for uri in c.uris)
+        with self._lock:
+            self.ids.extend(result.ids)
+            self.blobs.extend(uri for c in result.claims for uri in c.uris)
+        for claimed in result.claims:
+            for item_id, payload in zip(claimed.ids, claimed.payloads, strict=True):
+                if isinstance(payload, Offloaded):
+                    self._blob_ids[item_id] = payload.uri
         c = self.claimant
         for claimed in result.claims:
             out = claimed.request.output
@@ -205,7 +261,7 @@ class Session:
     @contextmanager
     def kept_alive(self) -> Iterator[None]:
         """Renew the lease while user code runs, so a long task is not mistaken for a dead one."""
-        if not self.ids:
+        if not self.ids and not self.streams:
             yield
             return
         stop = threading.Event()
@@ -214,7 +270,10 @@ class Session:
         def beat() -> None:
             while not stop.wait(interval):
                 try:
-                    if not self.env.ledger.extend_lease(self.claimant, self.ids):
+                    with self._lock:
+                        held = list(self.ids)
+                        renewed = not held or self.env.ledger.extend_lease(self.claimant, held)
+                    if not renewed:
                         log.warning("exclusive_xcom: %s lost some claims (fenced or taken over)", self.claimant)
                 except Exception as exc:  # keep beating; finish() reports a lost claim for good
                     log.warning("exclusive_xcom: lease renewal failed: %s", exc)

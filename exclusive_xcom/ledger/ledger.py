@@ -184,7 +184,7 @@ class Finished:
     """An earlier try of a task instance whose finish committed: it consumed ``inputs``."""
 
     try_number: int
-    inputs: str  # :func:`inputs_key` of what it consumed
+    inputs: str | None  # :func:`inputs_key` of what it consumed (None: a batch acknowledged mid-task)
 
     def covers(self, inputs: Iterable[tuple[Output, int]]) -> bool:
         """Whether these inputs (a retry's) are the ones that finish consumed."""
@@ -312,14 +312,15 @@ class Ledger:
 
         ``blobs`` are the offloaded payloads of ``ids``; ``inputs`` the outputs (and
         generations) they came from, recorded with the finish so that a later try of this
-        task instance knows they are done (:meth:`enter`). Returns the blob URIs nothing
+        task instance knows they are done (:meth:`enter`). Without ``inputs`` it only
+        consumes: a batch of a stream acknowledged while the task still runs. Returns the blob URIs nothing
         needs any more (consumed, or replaced by this output), for the caller to delete.
         Raises :class:`ClaimConflictError` and changes nothing if any of ``ids`` is no
         longer held by this exact try (its lease was taken over, or a newer try fenced it).
         """
 
         ids = list(dict.fromkeys(ids))  # the same input named twice is consumed once
-        key = inputs_key(inputs)
+        key = inputs_key(inputs) if inputs else None  # None: a batch acknowledged mid-task
 
         def tx(conn: sa.Connection) -> list[str]:
             now = self._now()

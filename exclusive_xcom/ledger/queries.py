@@ -272,7 +272,7 @@ def consume_all_now(
     try_number: int,
     now: datetime,
     ti_key: str,
-    inputs: str,
+    inputs: str | None,
     keep_payload: bool = False,
 ) -> Bound:
     """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none,
@@ -335,7 +335,7 @@ def lock_fence(ti_key: str) -> sa.Select[int, int | None, str | None]:
     return sa.select(*columns).where(fence.c.ti_key == ti_key).with_for_update()
 
 
-def mark_finished(ti_key: str, try_number: int, inputs: str, now: datetime) -> Bound:
+def mark_finished(ti_key: str, try_number: int, inputs: str | None, now: datetime) -> Bound:
     """Record that this try's finish consumed ``inputs`` (a key of their outputs and generations)."""
     return _MARK_FINISHED, {"f_key": ti_key, "o_try": try_number, "inputs": inputs, "now": now}
 

@@ -78,3 +78,16 @@ def test_items_mode_refuses_a_value_that_is_not_a_collection_of_items(value: obj
     ) as caught:
         session.production(value, ITEMS, SLOTS)
     assert f"[dag='{DAG}' run='{RUN}' producer='enqueue' key='return_value'" in str(caught.value)
+
+
+def test_a_stream_of_a_single_value_output_is_refused_naming_the_producer() -> None:
+    from exclusive_xcom.crypto import keyring_from
+    from exclusive_xcom.errors import ConfigurationError
+    from exclusive_xcom.handle import Handle
+
+    keys = keyring_from("k1", "")
+    env = type("Env", (), {"keyring": keys})()
+    session = Session(Claimant(DAG, RUN, "work"), env=env)  # type: ignore[arg-type]  # no ledger needed
+    handle = Handle(Output(DAG, RUN, "enqueue"), 1, "each", SLOTS).to_xcom(keys)
+    with pytest.raises(ConfigurationError, match="an Iterator/Iterable argument streams a work queue: 'enqueue' must"):
+        session.stream(handle, batch_size=10, max_items=None)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import collections.abc
+import typing
+from collections.abc import Iterator
+
 import pendulum
 import pytest
 from airflow.sdk import DAG
 
 from exclusive_xcom import Consumer, NotAuthorizedError, exclusive_task
+from exclusive_xcom.decorator import _streamed_parameters
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.handle import RESERVED_KEY
 
@@ -282,3 +287,25 @@ def test_an_unknown_consumer_name_lists_the_close_task_ids_once_the_dag_is_compl
         "consumers=['laod'] of 'grp.produce' names no task of DAG 'd' (close: 'grp.load'); "
         "use the consumer's task id, or its id within this task's group"
     )
+
+
+# -- streaming arguments -------------------------------------------------------------------------
+
+
+def test_iterator_and_iterable_hints_ask_for_a_stream_and_a_list_does_not() -> None:
+    def work(
+        a: typing.Iterator[int],  # noqa: UP035
+        b: collections.abc.Iterable[dict],
+        c: list[int],
+        d: int,
+        e: collections.abc.Iterator,  # type: ignore[type-arg]
+        f,  # type: ignore[no-untyped-def]  # noqa: ANN001
+    ) -> None: ...
+
+    assert _streamed_parameters(work) == {"a", "b", "e"}
+
+
+def test_hints_naming_what_is_not_importable_are_read_as_written() -> None:
+    def work(a: Iterator[Order], b: list[Order], c: Order) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+    assert _streamed_parameters(work) == {"a"}
