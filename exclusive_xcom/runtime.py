@@ -239,7 +239,7 @@ class Session:
         for claimed in result.claims:
             out = claimed.request.output
             log.info(
-                "exclusive_xcom: claimed %s of %s/%s/%s (mode %s) for %s in %.1f ms",
+                "exclusive_xcom: claimed %s of %s/%s/%s (mode %s) for %s in %.1f ms: %s",
                 _describe_ids(claimed.ids),
                 out.dag_id,
                 out.run_id,
@@ -247,6 +247,7 @@ class Session:
                 claimed.request.mode,
                 c,
                 elapsed * 1000,
+                claimed.describe_origins(),
             )
             metrics.claimed(len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=claimed.request.mode)
         return result

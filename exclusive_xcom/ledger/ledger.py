@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -150,9 +151,13 @@ class Claimed:
     request: ClaimRequest
     ids: list[int] = field(default_factory=list)
     payloads: list[Stored] = field(default_factory=list)
+    #: Where the items came from: "fresh", "taken back from its try N" (a retry), or
+    #: "taken over from <task instance> (lease expired)", with counts.
+    origins: Counter[str] = field(default_factory=Counter)
 
-    def add(self, row: Any) -> None:
+    def add(self, row: Any, claimant: Claimant | None = None) -> None:
         self.ids.append(row.id)
+        self.origins[_origin(row, claimant)] += 1
         if row.payload_uri is not None:
             self.payloads.append(Offloaded(row.payload_uri, int(row.payload_size), row.payload_sha256 or ""))
         else:
@@ -161,6 +166,11 @@ class Claimed:
     def extend(self, other: Claimed) -> None:
         self.ids.extend(other.ids)
         self.payloads.extend(other.payloads)
+        self.origins.update(other.origins)
+
+    def describe_origins(self) -> str:
+        """E.g. ``20 fresh, 5 taken back from its try 1``."""
+        return ", ".join(f"{n} {origin}" for origin, n in self.origins.most_common()) or "none"
 
     @property
     def uris(self) -> list[str]:
@@ -747,7 +757,7 @@ def _claim_one(
         )
     if row.state == CLAIMED and not _claimable(row, claimant, request, now):
         return _busy(claimant, request, f"held by {_describe_owner(row)} until {row.lease_expires_at}")
-    claimed.add(row)
+    claimed.add(row, claimant)
     return claimed, []
 
 
@@ -808,8 +818,17 @@ def _claim_batch(conn: sa.Connection, claimant: Claimant, request: ClaimRequest,
     for row in rows:
         if row.state == CLAIMED and not _claimable(row, claimant, request, now):
             continue
-        claimed.add(row)
+        claimed.add(row, claimant)
     return claimed
+
+
+def _origin(row: Any, claimant: Claimant | None) -> str:
+    """How a claimed row was come by (rows the one-statement claim returns are always fresh)."""
+    if claimant is None or getattr(row, "state", READY) != CLAIMED:
+        return "fresh"
+    if _owner_of(row) == claimant.identity:
+        return f"taken back from its try {row.owner_try}"
+    return f"taken over from {_describe_owner(row)} (lease expired)"
 
 
 def _produce(conn: sa.Connection, production: Production, now: datetime) -> tuple[int, list[str]]:

@@ -91,6 +91,7 @@ def test_claims_are_counted_through_airflows_statsd_and_logged_once_each(airflow
     assert len([line for line in lines if line.startswith("airflow.exclusive_xcom.claim_latency:")]) == 2, lines
     claims = [line for line in result.tail(100_000).splitlines() if "exclusive_xcom: claimed item" in line]
     assert len(claims) == 2, claims
+    assert all(c.split(" [exclusive_xcom]")[0].endswith(" ms: 1 fresh") for c in claims), claims
     assert any(
         "of exclusive_etl/" in c and "/extract (mode each) for exclusive_etl/" in c and "/transform try 1" in c
         for c in claims

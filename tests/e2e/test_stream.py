@@ -27,3 +27,6 @@ def test_a_crash_mid_stream_redoes_at_most_one_batch(dag_runs: Result) -> None:
     assert {s for s, r in rows.items() if r["owner_try"] == 1} == set(range(20)), "two batches acknowledged by try 1"
     assert {s for s, r in rows.items() if r["owner_try"] == 2} == set(range(20, 50))
     assert [x["value"] for x in run.xcoms("work", "return_value")] == [30]
+    assert "work try 2 in " in run.log and ": 10 taken back from its try 1" in run.log, (
+        "the log says where items came from"
+    )

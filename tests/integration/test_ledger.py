@@ -312,6 +312,10 @@ def test_expired_lease_is_taken_over_and_the_old_owner_cannot_finish(ledger: Led
     assert payloads_of(took_one) == [b"o"] and payloads_of(took_each) == [b"e"]
     assert payloads_of(took_items) == [b"\x00", b"\x01", b"\x02"]  # lowest seq first, capped by limit
     assert rows(ledger)[took_one.ids[0]]["owner_task_id"] == "audit"
+    dead = f"{DAG}/{RUN}/load[0] try 1"  # every claim says whose expired lease it took over
+    assert took_items.claims[0].describe_origins() == f"3 taken over from {dead} (lease expired)"
+    assert took_each.claims[0].describe_origins() == f"1 taken over from {dead} (lease expired)"
+    assert first.claims[2].describe_origins() == "3 fresh"
 
     text = raises(ClaimConflictError, lambda: ledger.finish(who("load", map_index=0), first.ids), "load")
     assert f"load[0] try 1 no longer holds 5 of its 5 claimed item(s): {DAG}/{RUN}/audit[5] try 1 took it over" in text
