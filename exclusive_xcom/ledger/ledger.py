@@ -194,7 +194,7 @@ class Finished:
     """An earlier try of a task instance whose finish committed: it consumed ``inputs``."""
 
     try_number: int
-    inputs: str | None  # :func:`inputs_key` of what it consumed (None: a batch acknowledged mid-task)
+    inputs: str | None  # :func:`inputs_key` of what it consumed
 
     def covers(self, inputs: Iterable[tuple[Output, int]]) -> bool:
         """Whether these inputs (a retry's) are the ones that finish consumed."""
@@ -344,7 +344,8 @@ class Ledger:
                 if done.rowcount != len(ids):
                     _check_fence(conn, claimant)
                     raise _NotHeld(len(ids) - done.rowcount)  # rolls back what was marked
-                conn.execute(*q.mark_finished(claimant.ti_key, claimant.try_number, key, now))
+                if key is not None:  # the task's finish, not a batch acknowledged while it runs
+                    conn.execute(*q.mark_finished(claimant.ti_key, claimant.try_number, key, now))
             stale = list(blobs)
             for production in productions:
                 stale.extend(_produce(conn, production, now)[1])

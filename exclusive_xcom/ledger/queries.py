@@ -209,8 +209,9 @@ _CLAIM_READY_NOW = _claim_picked(_POOL)
 _CLAIM_SLOT_NOW = _claim_picked(_SLOT)
 
 
-def _consume_all(**values: Any) -> sa.Update:
-    """Consume ``:ids`` only if this try holds every one of them: ``:n`` rows or none.
+def _consume_all(record: bool, **values: Any) -> sa.Update:
+    """Consume ``:ids`` only if this try holds every one of them: ``:n`` rows or none;
+    ``record``: and mark the finish on the fence row, when they were consumed.
 
     The rows are locked first (a concurrent takeover is waited for, then re-checked), so
     the count and the update see the same rows.
@@ -228,12 +229,18 @@ def _consume_all(**values: Any) -> sa.Update:
         .cte("held")
     )
     everything = sa.select(sa.func.count()).select_from(held).scalar_subquery() == _P("n", type_=sa.Integer())
-    finished = sa.update(fence).where(_FENCE_IS_MINE, everything).values(**_FINISHED).cte("finished")
-    return sa.update(item).where(item.c.id.in_(sa.select(held.c.id)), everything).values(**values).add_cte(finished)
+    consume = sa.update(item).where(item.c.id.in_(sa.select(held.c.id)), everything).values(**values)
+    if not record:
+        return consume
+    return consume.add_cte(sa.update(fence).where(_FENCE_IS_MINE, everything).values(**_FINISHED).cte("finished"))
 
 
-_CONSUME_ALL_NOW = _consume_all(**_CONSUMING, payload=None)
-_CONSUME_ALL_KEEPING_NOW = _consume_all(**_CONSUMING)
+#: (keep the payload, record the finish) -> the statement
+_CONSUME_ALL_NOW = {
+    (keep, record): _consume_all(record, **_CONSUMING, **({} if keep else {"payload": None}))
+    for keep in (False, True)
+    for record in (False, True)
+}
 
 
 def claim_ready_now(
@@ -281,7 +288,7 @@ def consume_all_now(
     The parameters are :func:`mark_consumed`'s, plus the inputs' key and how many rows must be held.
     """
     _, params = mark_consumed(ids, owner, try_number, now, ti_key)
-    stmt = _CONSUME_ALL_KEEPING_NOW if keep_payload else _CONSUME_ALL_NOW
+    stmt = _CONSUME_ALL_NOW[keep_payload, inputs is not None]  # a batch acknowledged mid-task: no record
     return stmt, {**params, "inputs": inputs, "n": len(params["ids"])}
 
 

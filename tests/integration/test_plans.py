@@ -82,6 +82,7 @@ def _statements(dialect: str) -> dict[str, Any]:
                 LIVE.output_id, 1, "d/worker", consumers, OWNER, 1, NOW, lease, ti_key, 1
             ),
             "consume_all_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key, "inputs"),
+            "consume_batch_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key, None),  # a stream's batch
         }
     else:
         one_statement = {}
