@@ -516,3 +516,98 @@ def test_mapping_shapes_and_an_asset_hand_off_under_a_real_scheduler(
     )
     assert "NotAuthorizedError" in snoop_logs and "is not a named consumer" in snoop_logs, logs()
     assert "'orders':" not in xcom_text and "'batch':" not in xcom_text, "a payload reached the XCom table"
+
+
+# -- a streamed queue: spread, worker counts, a late starter, a SIGKILL ------------------------
+
+SPREAD_FILE = Path(__file__).parent / "dags" / "queue_spread.py"
+SPREAD_ORDERS, SPREAD_BATCH = 5000, 25
+
+
+def _final_state(meta: sa.Engine, run_id: str) -> str | None:
+    state = _scalar(meta, "SELECT state FROM dag_run WHERE run_id = :r", r=run_id)
+    return str(state) if state in ("success", "failed") else None
+
+
+def _charge_tis(meta: sa.Engine, run_id: str) -> list[Any]:
+    with meta.connect() as conn:
+        sql = (
+            "SELECT map_index, state, try_number, start_date, end_date FROM task_instance "
+            "WHERE run_id = :r AND task_id = 'charge' ORDER BY map_index"
+        )
+        return list(conn.execute(sa.text(sql), {"r": run_id}))
+
+
+@pytest.mark.parametrize("dag_files", [(SPREAD_FILE,)])
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_streamed_queue_is_shared_by_whoever_runs_and_a_killed_worker_redoes_one_batch_at_most(
+    deployment: Deployment, ledger_url: str, backend: str
+) -> None:
+    deployment.cli("db", "migrate", timeout=MIGRATE_DEADLINE)
+    deployment.start()
+    meta = sa.create_engine(deployment.metadata_url, poolclass=sa.NullPool)
+    shapes: dict[str, dict[str, float]] = {"1 worker": {"workers": 1}, "2 workers": {"workers": 2}}
+    shapes |= {"4 workers": {"workers": 4}, "4, one 1.5 s late": {"workers": 4, "late": 1.5}}
+    shapes["4, one SIGKILLed"] = {"workers": 4, "kill": 1}
+    # The same with list[int] (the whole share claimed before the function runs), for comparison.
+    cases = {("queue_spread", n): c for n, c in shapes.items()}
+    cases |= {("queue_spread_list", n): c for n, c in shapes.items() if n != "4, one 1.5 s late"}
+    report: dict[tuple[str, str], Any] = {}
+    try:
+        _wait_for("the API server", lambda: _api_healthy(deployment.port), START_DEADLINE, deployment)
+        _wait_for(
+            "queue_spread to be serialized",
+            lambda: _scalar(meta, "SELECT count(*) FROM serialized_dag WHERE dag_id LIKE 'queue_spread%'") == 2,
+            START_DEADLINE,
+            deployment,
+        )
+        for dag_id in ("queue_spread", "queue_spread_list"):
+            deployment.cli("dags", "unpause", dag_id)
+        for (dag_id, name), conf in cases.items():  # one after another: each run's wall time is its own
+            run_id = f"spread_{len(report)}_{secrets.token_hex(3)}"
+            deployment.cli("dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(conf))
+            state = _wait_for(
+                f"run {run_id} ({name}) to finish", lambda r=run_id: _final_state(meta, r), RUN_DEADLINE, deployment
+            )
+            report[dag_id, name] = {"run_id": run_id, "state": state, "tis": _charge_tis(meta, run_id)}
+    finally:
+        meta.dispose()
+    logs = deployment.logs
+
+    ledger = sa.create_engine(ledger_url, poolclass=sa.NullPool)
+    try:
+        for r in report.values():
+            with ledger.connect() as conn:
+                sql = "SELECT state, owner_map_index, owner_try FROM exclusive_xcom_item WHERE run_id = :r"
+                r["rows"] = list(conn.execute(sa.text(sql), {"r": r["run_id"]}))
+            charged = (deployment.home / f"charged-{r['run_id']}.log").read_text().split("\n")
+            r["charged"] = [tuple(map(int, line.split())) for line in charged if line]
+    finally:
+        ledger.dispose()
+
+    print(f"\n[{backend} ledger] {SPREAD_ORDERS} orders, batches of {SPREAD_BATCH}, 2 ms each")
+    for (dag_id, form), r in report.items():
+        name = f"{'Iterator' if dag_id == 'queue_spread' else 'list'}: {form}"
+        tis = r["tis"]
+        wall = (max(t.end_date for t in tis) - min(t.start_date for t in tis)).total_seconds()
+        split = Counter(row.owner_map_index for row in r["rows"] if row.state == "consumed")
+        redone = len(r["charged"]) - len({order for *_, order in r["charged"]})
+        r["split"], r["redone"] = split, redone
+        print(
+            f"  {name:30s} {r['state']:7s} wall {wall:5.1f} s  split {[split.get(i, 0) for i in range(len(tis))]}"
+            f"  redone {redone}"
+        )
+
+    for case, r in report.items():  # both forms: every order consumed once, none lost
+        assert r["state"] == "success", f"{case}: {r['state']} {[tuple(t) for t in r['tis']]}{logs()}"
+        assert Counter(row.state for row in r["rows"]) == {"consumed": SPREAD_ORDERS}, case
+        assert {order for *_, order in r["charged"]} == set(range(SPREAD_ORDERS)), f"{case}: an order was lost"
+    for name in ("1 worker", "2 workers", "4 workers", "4, one 1.5 s late"):  # streamed: shared by all
+        streamed = report["queue_spread", name]
+        assert streamed["redone"] == 0, name
+        workers = len(streamed["tis"])
+        assert set(streamed["split"]) == set(range(workers)), f"{name}: a worker got nothing: {streamed['split']}"
+    killed = report["queue_spread", "4, one SIGKILLed"]
+    assert [t.try_number for t in killed["tis"] if t.map_index == 1] == [2], "the killed worker was retried"
+    assert 0 < killed["redone"] <= SPREAD_BATCH, f"redid {killed['redone']} orders: more than its current batch"
+    assert {(s, t) for s, t, _ in killed["charged"] if s == 1} == {(1, 1), (1, 2)}
