@@ -268,27 +268,6 @@ def test_a_name_both_in_the_group_and_at_the_top_is_ambiguous() -> None:
     )
 
 
-def test_an_unknown_consumer_name_lists_the_close_task_ids_once_the_dag_is_complete() -> None:
-    from airflow.sdk import TaskGroup
-
-    with _dag() as dag, TaskGroup("grp"):
-
-        @exclusive_task(consumers=["laod"])
-        def produce() -> dict:
-            return {}
-
-        @exclusive_task
-        def load() -> None: ...
-
-        produce() >> load()
-    with pytest.raises(ConfigurationError) as info:
-        dag.task_dict["grp.produce"].consumer_slots(strict=True)  # type: ignore[union-attr]
-    assert str(info.value) == (
-        "consumers=['laod'] of 'grp.produce' names no task of DAG 'd' (close: 'grp.load'); "
-        "use the consumer's task id, or its id within this task's group"
-    )
-
-
 # -- streaming arguments -------------------------------------------------------------------------
 
 
