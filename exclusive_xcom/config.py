@@ -196,8 +196,10 @@ def get_ledger(settings: Settings | None = None) -> Ledger:
     settings = settings or load_settings()
     try:
         engine = get_engine(settings.url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigurationError(f"cannot open the claim ledger at {settings.url!r}: {exc}") from exc
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigurationError(
+            f"cannot open the claim ledger at {settings.url!r}: {exc}{_driver_hint(settings.url)}"
+        ) from None  # one line: the driver's import traceback says nothing more
     ledger = Ledger(
         engine, lease_seconds=settings.lease_seconds, keep_consumed_payloads=settings.keep_consumed_payloads
     )
@@ -206,6 +208,16 @@ def get_ledger(settings: Settings | None = None) -> Ledger:
             ledger.migrate()
             _ready.add(settings.url)
     return ledger
+
+
+def _driver_hint(url: str) -> str:
+    """What to install or write instead, when the URL names a driver that is not there."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme.startswith("postgres"):
+        return "; the PostgreSQL driver is psycopg 3: pip install 'exclusive-xcom[postgres]', URL postgresql+psycopg://"
+    if scheme.startswith(("mysql", "mariadb")):
+        return "; the MySQL/MariaDB driver is PyMySQL: pip install 'exclusive-xcom[mysql]', URL mysql+pymysql://"
+    return ""
 
 
 def keyring(settings: Settings, ledger: Ledger) -> Keyring:

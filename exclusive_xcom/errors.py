@@ -8,6 +8,7 @@ Each class's docstring is its default message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class ExclusiveXComError(Exception):
     """An exclusive_xcom operation failed."""
 
     def __init__(self, message: str | None = None, ref: ItemRef | None = None) -> None:
-        text = message or (self.__doc__ or "").strip()
+        text = mask_secrets(message or (self.__doc__ or "").strip())
         self.detail = text  # the message without the [dag=… consumer=…] part
         if ref is not None:
             text = f"{text} [{ref.describe()}]"
@@ -44,6 +45,15 @@ class ExclusiveXComError(Exception):
 
 
 _E = TypeVar("_E", bound="ExclusiveXComError")
+
+#: ``//user:password@`` in any text, whatever the scheme and whether or not SQLAlchemy could
+#: parse the URL (greedy: a password with an ``@`` in it is masked up to the host's ``@``).
+_PASSWORD_IN_URL = re.compile(r"(?P<head>//[^\s:/@'\"]*:)[^\s'\"]+@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``: no message prints one."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***@", text)
 
 
 @contextmanager

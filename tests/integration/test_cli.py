@@ -111,3 +111,24 @@ def test_unusable_ledger_exits_1_with_one_line(capsys: pytest.CaptureFixture[str
     code, _, err = cli(capsys, "--url", url, "stats")
     assert code == 1
     assert err.startswith(f"exclusive-xcom: {error}") and len(err.strip().splitlines()) == 1
+
+
+PASSWORD = "s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (f"postgres://postgres:{PASSWORD}@127.0.0.1/test", "pip install 'exclusive-xcom[postgres]'"),
+        (f"mysql://root:{PASSWORD}@127.0.0.1/test", "pip install 'exclusive-xcom[mysql]'"),
+        (f"bogus:://u:{PASSWORD}@x", "Could not parse SQLAlchemy URL"),
+        (f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:1/test", "LedgerUnavailableError"),
+        (f"mysql+pymysql://root:{PASSWORD}@127.0.0.1:1/test", "LedgerUnavailableError"),
+    ],
+)
+def test_a_password_in_the_ledger_url_is_never_printed(capsys: pytest.CaptureFixture[str], url: str, says: str) -> None:
+    """Every way the ledger URL can be wrong: one line that says what to do, the password masked."""
+    code, out, err = cli(capsys, "--url", url, "stats")
+    assert code == 1 and says in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert PASSWORD not in err + out and ":***@" in err, err
