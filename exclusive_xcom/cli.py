@@ -110,9 +110,12 @@ def _db_migrate(args: argparse.Namespace) -> None:
 
 def _ls(args: argparse.Namespace) -> None:
     rows = _ledger(args).items(
-        dag_id=args.dag_id, run_id=args.run_id, task_id=args.task_id, state=args.state, limit=args.limit
+        dag_id=args.dag_id, run_id=args.run_id, task_id=args.task_id, state=args.state, limit=args.limit + 1
     )
+    more, rows = len(rows) > args.limit, rows[: args.limit]
     _emit(rows, args.json, lambda: _table(rows, LS_COLUMNS))
+    if more:  # on stderr, so that --json output stays one JSON document
+        print(f"exclusive-xcom: showing the first {args.limit}; more match (raise --limit)", file=sys.stderr)
 
 
 def _show(args: argparse.Namespace) -> None:
@@ -125,8 +128,15 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def _release(args: argparse.Namespace) -> None:
-    released = _ledger(args).release_any(args.item_ids)
-    print(f"released {released} of {len(args.item_ids)} item(s); the others were not claimed")
+    ledger = _ledger(args)
+    unknown = [i for i in dict.fromkeys(args.item_ids) if not ledger.items(item_id=i)]
+    released = ledger.release_any(args.item_ids)
+    line = f"released {released} of {len(args.item_ids)} item(s)"
+    if unclaimed := len(args.item_ids) - released - len(unknown):
+        line += f"; {unclaimed} {'was' if unclaimed == 1 else 'were'} not claimed"
+    if unknown:
+        line += f"; no item has id {', '.join(map(str, unknown))}"
+    print(line)
 
 
 def _purge(args: argparse.Namespace) -> None:

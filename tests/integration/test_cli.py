@@ -46,6 +46,11 @@ def test_ls_show_and_stats(seeded: str, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0 and sorted(r["state"] for r in rows) == ["claimed", "consumed", "ready"]
     assert all("payload" not in r for r in rows)
 
+    code, out, err = cli(capsys, "--url", seeded, "ls", "--json", "--limit", "2")
+    assert code == 0 and len(json.loads(out)) == 2, "the note goes to stderr, the JSON stays whole"
+    assert err.strip() == "exclusive-xcom: showing the first 2; more match (raise --limit)", err
+    assert not cli(capsys, "--url", seeded, "ls", "--limit", "3")[2], "no note when everything fit"
+
     _, out, _ = cli(capsys, "--url", seeded, "ls", "--state", "claimed")
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["id", "dag_id", "run_id"] and len(lines) == 2 and "reader" in lines[1]
@@ -65,8 +70,9 @@ def test_ls_show_and_stats(seeded: str, capsys: pytest.CaptureFixture[str]) -> N
 def test_release_frees_a_stuck_claim(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = cli(capsys, "--url", seeded, "ls", "--state", "claimed", "--json")
     (claimed,) = json.loads(out)
-    code, out, _ = cli(capsys, "--url", seeded, "release", str(claimed["id"]))
-    assert code == 0 and "released 1 of 1" in out
+    ready = next(r["id"] for r in json.loads(cli(capsys, "--url", seeded, "ls", "--json")[1]) if r["state"] == "ready")
+    code, out, _ = cli(capsys, "--url", seeded, "release", str(claimed["id"]), str(ready), "999999")
+    assert code == 0 and out.strip() == "released 1 of 3 item(s); 1 was not claimed; no item has id 999999", out
     _, out, _ = cli(capsys, "--url", seeded, "stats", "--json")
     assert json.loads(out)["counts"] == {"ready": 2, "claimed": 0, "consumed": 1}
 
