@@ -148,7 +148,9 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         keys = session.env.keyring
         context["ti"].xcom_push(RESERVED_KEY, handle.to_xcom(keys))
         assets.announce(self, context, handle, keys)
-        return mapping_value(self, context["ti"], handle, self._size(session, handle, context), keys)
+        if next(self.iter_mapped_dependants(), None) is None:
+            return None  # nothing maps over this output (and its size is not worth a query)
+        return mapping_value(context["ti"], handle, self._size(session, handle, context), keys)
 
     def _mapping_slots(self, context: Any) -> tuple[str, ...]:
         """Consumers mapped over this (unmapped, mode each) output: one row per element each."""

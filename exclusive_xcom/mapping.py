@@ -122,14 +122,12 @@ def check_partial(consumer: str, partial_kwargs: Mapping[str, Any]) -> None:
                 )
 
 
-def mapping_value(task: Any, ti: Any, handle: Handle, size: int | None, keys: Any) -> Any:
-    """What a producer returns for Airflow to map its consumers over (None: nothing is mapped).
+def mapping_value(ti: Any, handle: Handle, size: int | None, keys: Any) -> Any:
+    """What a producer that has mapped consumers returns for Airflow to map them over.
 
     ``size`` is its element count (mode ``items``, or mode ``each`` split for mapped
     consumers), needed only when the producer is not mapped.
     """
-    if next(task.iter_mapped_dependants(), None) is None:
-        return None
     if ti.map_index is not None and ti.map_index >= 0:
         return handle.to_xcom(keys)  # instance i of the consumer gets this instance's output
     if handle.mode == ONE or size is None:

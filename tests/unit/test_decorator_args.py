@@ -288,3 +288,24 @@ def test_hints_naming_what_is_not_importable_are_read_as_written() -> None:
     def work(a: Iterator[Order], b: list[Order], c: Order) -> None: ...  # type: ignore[name-defined]  # noqa: F821
 
     assert _streamed_parameters(work) == {"a"}
+
+
+def test_from_asset_needs_an_asset() -> None:
+    from exclusive_xcom import from_asset
+
+    with pytest.raises(ConfigurationError, match="from_asset\\(\\) needs an airflow.sdk.Asset, got 'orders'"):
+        from_asset("orders")  # type: ignore[arg-type]
+
+
+def test_a_single_value_output_cannot_be_mapped_over_at_run_time_either() -> None:
+    """The parse-time check's backstop: a mode-one output reaching a mapped consumer fails the producer."""
+    from types import SimpleNamespace
+
+    from exclusive_xcom.crypto import keyring_from
+    from exclusive_xcom.handle import Handle
+    from exclusive_xcom.ledger import Output
+    from exclusive_xcom.mapping import mapping_value
+
+    handle = Handle(Output("d", "r", "produce"), 1, "one", ("d/work",))
+    with pytest.raises(ConfigurationError, match="'produce' has consumers mapped over it but mode='one'"):
+        mapping_value(SimpleNamespace(map_index=-1), handle, None, keyring_from("k", ""))
