@@ -46,7 +46,7 @@ def _setup(workdir: Path, encrypt: bool) -> Any:
 
     ledger = Ledger(create_engine(f"sqlite:///{workdir / 'ledger.db'}"))
     ledger.migrate()
-    keys = keyring_from("bench-key" if encrypt else "", "", ledger.secret())
+    keys = keyring_from("bench-key" if encrypt else "", "", ledger.secret(), allow_plaintext=not encrypt)
     return ledger, Codec(keys, 1 * MB, BlobStore(f"file://{workdir / 'blobs'}"))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import sqlite3
 import subprocess
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: A throwaway key for a throwaway home: without a key, nothing is produced.
+DEMO_KEY = secrets.token_urlsafe(32)
 
 
 def airflow_env(home: Path, dags_folder: Path = HERE) -> dict[str, str]:
@@ -31,6 +34,7 @@ def airflow_env(home: Path, dags_folder: Path = HERE) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY": os.environ.get("AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY") or DEMO_KEY,
     }
 
 

@@ -75,8 +75,8 @@ def _finish_after_execute(task: Any, session: Session) -> None:
         stack.close()
         if previous is not None:
             previous(context, result)
-        if claimant_of(context) != session.claimant:
-            raise ClaimConflictError(f"claims of {session.claimant} cannot be finished by {claimant_of(context)}")
+        if (now := claimant_of(context, session.env.settings.teams.of)) != session.claimant:
+            raise ClaimConflictError(f"claims of {session.claimant} cannot be finished by {now}")
         session.finish()
 
     task._post_execute_hook = post_execute

@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         dest="db_command", required=True, parser_class=_Parser
     )
     db.add_parser("migrate", help="create or upgrade the ledger schema").set_defaults(func=_db_migrate)
+    grant = db.add_parser(
+        "grant", help="PostgreSQL: switch on row-level security and let a login role use one team's items only"
+    )
+    grant.add_argument("--team", required=True, help="a team of [exclusive_xcom] teams")
+    grant.add_argument("--role", required=True, help="an existing login role of that team's workers")
+    grant.set_defaults(func=_db_grant)
 
     ls = sub.add_parser("ls", help="list items (newest first), without payloads")
     for name in ("dag-id", "run-id", "task-id"):
@@ -106,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
 def _db_migrate(args: argparse.Namespace) -> None:
     ledger = _ledger(args)
     print(f"ledger at {ledger.engine.url.render_as_string(hide_password=True)}: schema version {ledger.migrate()}")
+
+
+def _db_grant(args: argparse.Namespace) -> None:
+    from exclusive_xcom.config import parse_teams
+
+    parse_teams(f"{args.team}: *")  # the same rule as the configuration's team names
+    ledger = _ledger(args)
+    ledger.grant(args.team, args.role)
+    where = ledger.engine.url.render_as_string(hide_password=True)
+    print(f"ledger at {where}: row-level security on; role {args.role!r} sees team {args.team!r}'s items only")
 
 
 def _ls(args: argparse.Namespace) -> None:

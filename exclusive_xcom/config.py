@@ -9,9 +9,11 @@ so the claim path never checks the schema again.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from exclusive_xcom.crypto import Keyring, keyring_from
-from exclusive_xcom.errors import ConfigurationError
+from exclusive_xcom.errors import ConfigurationError, ItemRef
 from exclusive_xcom.ledger import Ledger, get_engine
 
 SECTION = "exclusive_xcom"
@@ -40,14 +42,29 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
         "string",
         "",
         "Comma-separated keys, newest first: the first signs handles and encrypts payloads (Fernet), all "
-        "are accepted to verify and decrypt. Default: [core] fernet_key; with neither, handles are signed "
-        "with a key kept in the ledger and payloads are not encrypted.",
+        "are accepted to verify and decrypt. Default: [core] fernet_key; with neither, nothing is stored "
+        "unless allow_plaintext is set.",
+    ),
+    "allow_plaintext": (
+        "boolean",
+        "False",
+        "Without secret_key or [core] fernet_key, store payloads unencrypted (handles are then signed with a "
+        "key kept in the ledger) instead of refusing to produce; with a key, also accept payloads stored "
+        "unencrypted.",
     ),
     "retention": ("string", "7d", "How long consumed items are kept before purge deletes them (7d, 12h, ...)."),
     "expire_after": (
         "string",
         "",
         "If set, unconsumed items older than this (and not under a live claim) are deleted by purge too.",
+    ),
+    "teams": (
+        "string",
+        "",
+        "Teams that must not see each other's items, as team: DAG-id patterns (fnmatch), separated by ';' "
+        "(e.g. 'sales: sales_*, crm_*; hr: hr_*'). Every DAG that touches the ledger must match one; a "
+        "producer and its consumers belong to one team. With PostgreSQL row-level security "
+        "(exclusive-xcom db grant) each team's workers then see their team's rows only.",
     ),
     "base_xcom_backend": (
         "string",
@@ -73,6 +90,57 @@ _DRIVERS = {
 }
 
 
+#: A team's name becomes part of row keys and of a PostgreSQL role name.
+_TEAM_NAME = re.compile(r"[a-z][a-z0-9_]{0,19}")
+
+
+@dataclass(frozen=True)
+class Teams:
+    """``[exclusive_xcom] teams``: which team each DAG belongs to, by DAG-id patterns."""
+
+    patterns: tuple[tuple[str, str], ...] = ()  # (team, pattern), first match wins
+
+    def of(self, dag_id: str) -> str:
+        """The team of ``dag_id`` ("" when no teams are configured)."""
+        if not self.patterns:
+            return ""
+        for team, pattern in self.patterns:
+            if fnmatch.fnmatchcase(dag_id, pattern):
+                return team
+        raise ConfigurationError(
+            f"DAG {dag_id!r} matches no pattern of [{SECTION}] teams ({self}): add it to its team's patterns"
+        )
+
+    def check_together(self, producer_dag: str, consumer_dags: Iterable[str], ref: ItemRef) -> None:
+        """A producer's consumers are in its team: another team's role could not read the rows."""
+        team = self.of(producer_dag)
+        for dag_id in consumer_dags:
+            if (theirs := self.of(dag_id)) != team:
+                raise ConfigurationError(
+                    f"consumer DAG {dag_id!r} is in team {theirs!r}, the producer's DAG {producer_dag!r} in team "
+                    f"{team!r}: with [{SECTION}] teams a producer and its consumers belong to one team",
+                    ref,
+                )
+
+    def __str__(self) -> str:
+        return "; ".join(f"{team}: {pattern}" for team, pattern in self.patterns)
+
+
+def parse_teams(raw: str) -> Teams:
+    """``sales: sales_*, crm_*; hr: hr_*``; anything else is refused by name."""
+    patterns: list[tuple[str, str]] = []
+    for part in filter(None, (p.strip() for p in raw.split(";"))):
+        team, colon, rest = (x.strip() for x in part.partition(":"))
+        globs = [g.strip() for g in rest.split(",") if g.strip()]
+        if not colon or not globs or not _TEAM_NAME.fullmatch(team):
+            raise ConfigurationError(
+                f"[{SECTION}] teams: expected 'team: pattern, pattern; team: pattern' with team names of "
+                f"lowercase letters, digits and _ (at most 20, a letter first), got {part!r}"
+            )
+        patterns.extend((team, g) for g in globs)
+    return Teams(tuple(patterns))
+
+
 @dataclass(frozen=True)
 class Settings:
     url: str
@@ -84,6 +152,8 @@ class Settings:
     retention: timedelta = timedelta(days=7)
     expire_after: timedelta | None = None
     keep_consumed_payloads: bool = False
+    allow_plaintext: bool = False
+    teams: Teams = Teams()
 
 
 def _option(name: str) -> str:
@@ -141,6 +211,8 @@ def load_settings() -> Settings:
         retention=parse_duration(_option("retention") or OPTIONS["retention"][1], f"[{SECTION}] retention"),
         expire_after=parse_duration(expire_after, f"[{SECTION}] expire_after") if expire_after else None,
         keep_consumed_payloads=_flag("keep_consumed_payloads"),
+        allow_plaintext=_flag("allow_plaintext"),
+        teams=parse_teams(_option("teams")),
     )
 
 
@@ -221,6 +293,12 @@ def _driver_hint(url: str) -> str:
 
 
 def keyring(settings: Settings, ledger: Ledger) -> Keyring:
-    """Keys of this configuration; the ledger's own key is read only when none is configured."""
-    configured = keyring_from(settings.secret_key, settings.fernet_key)
-    return configured if configured.encrypts else keyring_from("", "", ledger.secret())
+    """Keys of this configuration. The ledger's own signing key is read (made, the first
+    time) only when no key is configured and plaintext is allowed: the ledger never holds
+    a key beside the data it protects unless the configuration says so."""
+    configured = keyring_from(settings.secret_key, settings.fernet_key, allow_plaintext=settings.allow_plaintext)
+    if settings.teams.patterns and not configured.encrypts:
+        raise ConfigurationError(f"[{SECTION}] teams needs a key: set [{SECTION}] secret_key, one per team")
+    if configured.encrypts or not settings.allow_plaintext:
+        return configured  # without any key, the first produce (or handle check) names the two ways to set one
+    return keyring_from("", "", ledger.secret(), allow_plaintext=True)

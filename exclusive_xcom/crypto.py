@@ -6,8 +6,10 @@ decrypt. Rotating is therefore "prepend the new key, re-encrypt, drop the old on
 Each secret may be any string (a Fernet key works too); two independent keys are derived
 from it, so a leaked handle signature says nothing about the encryption key.
 
-With no secret configured, handles are signed with a key the ledger keeps for itself and
-payloads are stored unencrypted.
+Payloads are never stored in plaintext unless the configuration says so
+(``allow_plaintext = True``): only then, with no secret configured, are handles signed with
+a key the ledger keeps for itself and payloads stored unencrypted. With a secret
+configured, no key is ever written to the ledger.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from cryptography.fernet import Fernet, MultiFernet
 from exclusive_xcom.errors import ConfigurationError
 
 _SIGN_CONTEXT = b"exclusive_xcom/handle-signature/v1"
+#: What a process with no key is told, wherever it first needs one.
+NO_KEY = (
+    "no key configured to encrypt exclusive_xcom payloads and sign their handles: set [exclusive_xcom] "
+    "secret_key (or Airflow's [core] fernet_key), or set [exclusive_xcom] allow_plaintext = True to store "
+    "payloads unencrypted"
+)
 _ENCRYPT_CONTEXT = b"exclusive_xcom/payload-encryption/v1"
 
 
@@ -47,6 +55,8 @@ class Keyring:
     secrets: tuple[bytes, ...] = ()
     #: The ledger's own signing key; used only when no secret is configured.
     ledger_secret: bytes = b""
+    #: ``[exclusive_xcom] allow_plaintext``: payloads may be stored, and read, unencrypted.
+    allow_plaintext: bool = False
 
     @property
     def encrypts(self) -> bool:
@@ -57,7 +67,7 @@ class Keyring:
         if self.secrets:
             return tuple(_derive(s, _SIGN_CONTEXT) for s in self.secrets)
         if not self.ledger_secret:
-            raise ConfigurationError("no key to sign exclusive_xcom handles with")
+            raise ConfigurationError(NO_KEY)
         return (self.ledger_secret,)
 
     @cached_property
@@ -91,10 +101,12 @@ class Keyring:
         return self._fernet.rotate(token)
 
 
-def keyring_from(secret_key: str, fernet_key: str, ledger_secret: bytes = b"") -> Keyring:
+def keyring_from(
+    secret_key: str, fernet_key: str, ledger_secret: bytes = b"", *, allow_plaintext: bool = False
+) -> Keyring:
     """The keyring of a configuration: ``secret_key`` if set, else Airflow's ``fernet_key``."""
     if secret_key.strip():
         secrets = parse_secrets(secret_key, "[exclusive_xcom] secret_key")
     else:
         secrets = parse_secrets(fernet_key, "[core] fernet_key")
-    return Keyring(secrets, ledger_secret)
+    return Keyring(secrets, ledger_secret, allow_plaintext)

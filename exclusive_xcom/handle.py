@@ -56,6 +56,7 @@ class Handle:
             "mode": self.mode,
             "consumers": sorted(self.consumers),
             **({} if self.seq is None else {"seq": self.seq}),
+            **({"team": o.team} if o.team else {}),  # where its rows are: a team's namespace
         }
 
 
@@ -70,7 +71,8 @@ def parse(value: Mapping[str, Any], keys: Keyring, consumer: str = "-") -> Handl
     """
     try:
         body = {name: value[name] for name in _FIELDS}
-        output = Output(body["dag_id"], body["run_id"], body["task_id"], int(body["map_index"]), body["key"])
+        team = str(value.get("team", ""))
+        output = Output(body["dag_id"], body["run_id"], body["task_id"], int(body["map_index"]), body["key"], team)
         seq = None if value.get("seq") is None else int(value["seq"])
         handle = Handle(output, int(body["generation"]), str(body["mode"]), tuple(body["consumers"]), seq)
         signature = str(value["sig"])

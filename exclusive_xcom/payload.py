@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import InvalidToken
 
-from exclusive_xcom.crypto import Keyring
+from exclusive_xcom.crypto import NO_KEY, Keyring
 from exclusive_xcom.errors import ConfigurationError, ItemRef, PayloadError
 from exclusive_xcom.ledger import Offloaded
 
@@ -57,6 +57,8 @@ class Codec:
         as a stream straight into the blob: ``json.dumps`` would hold its text twice (the
         pieces and their join) on top of the value itself.
         """
+        if not self.keyring.encrypts and not self.keyring.allow_plaintext:
+            raise ConfigurationError(NO_KEY, ref)  # before anything is written
         data = _serialize(value, ref)
         if _larger_than(data, self.threshold):
             return self.store.write(folder, self._frames(_utf8_frames(_ENCODER.iterencode(data))), ref)
@@ -92,8 +94,15 @@ class Codec:
         out = bytearray()
         if head != MAGIC:
             out += head
-            for chunk in reader.rest():
+            for chunk in reader.rest():  # a blob's checksum is verified as its last chunk is read
                 out += chunk
+            if not self.keyring.allow_plaintext:  # unsealed bytes are not known to come from a key holder
+                raise PayloadError(
+                    "the stored payload is not encrypted (or is corrupted), and [exclusive_xcom] allow_plaintext "
+                    "is not set: run `exclusive-xcom rotate-key` to encrypt stored payloads, or set "
+                    "allow_plaintext = True",
+                    ref,
+                )
             return out
         try:
             while header := reader.read(_LENGTH):

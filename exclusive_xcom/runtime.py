@@ -69,7 +69,21 @@ def env_for(settings: Settings) -> Env:
     ledger = get_ledger(settings)
     keys = keyring(settings, ledger)
     store = lambda: BlobStore(settings.offload_path or None)  # noqa: E731 -- made on first offload
-    return Env(settings, ledger, keys, Codec(keys, settings.offload_threshold_bytes, store))
+    return Env(settings, ledger, keys, Codec(keys, _threshold(settings, ledger), store))
+
+
+def _threshold(settings: Settings, ledger: Ledger) -> int:
+    """``offload_threshold_bytes``, capped to what one statement of this ledger may carry."""
+    limit = ledger.inline_limit
+    if limit is None or settings.offload_threshold_bytes <= limit:
+        return settings.offload_threshold_bytes
+    log.warning(
+        "exclusive_xcom: offload_threshold_bytes (%d) is above what one statement of this ledger may carry "
+        "(max_allowed_packet); payloads above %d bytes go to object storage instead",
+        settings.offload_threshold_bytes,
+        limit,
+    )
+    return limit
 
 
 def env() -> Env:
@@ -84,25 +98,28 @@ def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] 
     the try's fence), and it happens before any item is known; an error there still
     names the task and, when the task has inputs, the first producer it was to claim from.
     """
-    claimant = claimant_of(context)
+    ti = context["ti"]
     first = found[0] if found else {}
     ref = ItemRef(
-        claimant.dag_id,
-        claimant.run_id,
-        str(first.get("task_id", claimant.task_id)),
+        ti.dag_id,
+        ti.run_id,
+        str(first.get("task_id", ti.task_id)),
         str(first.get("key", "return_value")),
-        claimant.task_id if found else "-",
+        ti.task_id if found else "-",
     )
-    with named(ref):
-        session = Session(claimant, env())
+    with named(ref):  # a configuration error, too, says which task met it
+        settings = load_settings()
+        claimant = claimant_of(context, settings.teams.of)
+        session = Session(claimant, env_for(settings))
         session.earlier = session.env.ledger.enter(claimant)  # from here on, older tries are fenced out
         return session
 
 
-def claimant_of(context: Mapping[str, Any]) -> Claimant:
+def claimant_of(context: Mapping[str, Any], team_of: Callable[[str], str] = lambda _dag_id: "") -> Claimant:
+    """The running task instance's try, in its DAG's team (``team_of``: ``Teams.of``)."""
     ti = context["ti"]
     map_index = ti.map_index if ti.map_index is not None else -1
-    return Claimant(ti.dag_id, ti.run_id, ti.task_id, map_index, ti.try_number)
+    return Claimant(ti.dag_id, ti.run_id, ti.task_id, map_index, ti.try_number, team_of(ti.dag_id))
 
 
 def is_final_try(context: Mapping[str, Any]) -> bool:
@@ -375,6 +392,7 @@ class Session:
         """
         output, generation = self._own_output(), self.claimant.try_number
         ref = output.ref()
+        self.env.settings.teams.check_together(output.dag_id, (c.split("/", 1)[0] for c in consumers), ref)
         folder = f"{output.output_id}/{generation}"
         handle = Handle(output, generation, mode, consumers)
         if mode == ITEMS:
@@ -390,7 +408,7 @@ class Session:
 
     def _own_output(self) -> Output:
         c = self.claimant
-        return Output(c.dag_id, c.run_id, c.task_id, c.map_index)
+        return Output(c.dag_id, c.run_id, c.task_id, c.map_index, team=c.team)
 
     def _encode(self, value: Any, folder: str, ref: ItemRef) -> bytes | Offloaded:
         stored = self.env.codec.encode(value, folder, ref)

@@ -112,7 +112,8 @@ def airflow_env(
     """The environment of an Airflow whose everything lives in ``home``.
 
     Nothing is inherited from the caller's Airflow settings; the metadata DB is
-    ``home/airflow.db``, offloaded payloads go under ``home/offload``; ``ledger_url`` (if
+    ``home/airflow.db``, offloaded payloads go under ``home/offload``, payloads are encrypted
+    under a test key; ``ledger_url`` (if
     given) is the claim ledger; ``extra`` adds or overrides variables.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
@@ -122,6 +123,8 @@ def airflow_env(
         AIRFLOW__CORE__DAGS_FOLDER=str(dags_folder or home / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH=f"file://{home / 'offload'}",
+        # Airflow 3.3 starts with no [core] fernet_key, and without a key nothing is produced.
+        AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY="tests-secret-key",
     )
     if ledger_url is not None:
         env["AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN"] = ledger_url

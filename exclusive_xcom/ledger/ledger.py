@@ -23,18 +23,20 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from hashlib import sha256
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import sqlalchemy as sa
 
 from exclusive_xcom.errors import (
     AlreadyConsumedError,
     ClaimConflictError,
+    ConfigurationError,
     ExclusiveXComError,
     ItemRef,
     LedgerUnavailableError,
     NotAuthorizedError,
     PayloadError,
+    amended,
 )
 from exclusive_xcom.ledger import queries as q
 from exclusive_xcom.ledger.schema import (
@@ -50,12 +52,24 @@ from exclusive_xcom.ledger.schema import (
 EACH, ONE, ITEMS = "each", "one", "items"
 MODES = (EACH, ONE, ITEMS)
 INSERT_CHUNK = 1000
+_ROW_SLACK = 64 * 1024  # bytes of a statement that are not payload: SQL text, other columns
 #: Fence rows outlive even a short ``purge --older-than``: a deleted fence would let a
 #: zombie try act again, so only task instances quiet for this long lose theirs.
 FENCE_RETENTION = timedelta(days=7)
 _T = TypeVar("_T")
 ROLLED_BACK = "this step changed nothing (it never reached its commit)"
 UNKNOWN_OUTCOME = "the connection failed while this step committed, so whether it took effect is unknown"
+
+
+def team_key(team: str, digest: str) -> str:
+    """A row key in its team's namespace, ``team:digest`` (64 characters at most).
+
+    PostgreSQL's row-level security reads the team from this prefix (see
+    :func:`~exclusive_xcom.ledger.queries.row_security`), so one team's role can neither
+    see nor write another's rows, and two teams' keys can never collide in a unique index.
+    Without teams the key is the digest alone, as it always was.
+    """
+    return f"{team}:{digest[: 63 - len(team)]}" if team else digest
 
 
 @dataclass(frozen=True)
@@ -67,11 +81,12 @@ class Output:
     task_id: str
     map_index: int = -1
     key: str = "return_value"
+    team: str = ""  # [exclusive_xcom] teams: the team of the producer's DAG (and of its consumers)
 
     @property
     def output_id(self) -> str:
         raw = json.dumps([self.dag_id, self.run_id, self.task_id, self.map_index, self.key])
-        return sha256(raw.encode()).hexdigest()
+        return team_key(self.team, sha256(raw.encode()).hexdigest())
 
     @property
     def producer(self) -> str:
@@ -90,6 +105,7 @@ class Claimant:
     task_id: str
     map_index: int = -1
     try_number: int = 1
+    team: str = ""  # [exclusive_xcom] teams: the team of its DAG
 
     @property
     def identity(self) -> tuple[str, str, str, int]:
@@ -102,7 +118,7 @@ class Claimant:
     @cached_property
     def ti_key(self) -> str:
         """The task instance's key in the fence table (tries share it)."""
-        return sha256(json.dumps(list(self.identity)).encode()).hexdigest()
+        return team_key(self.team, sha256(json.dumps(list(self.identity)).encode()).hexdigest())
 
     def __str__(self) -> str:
         index = "" if self.map_index < 0 else f"[{self.map_index}]"
@@ -251,7 +267,29 @@ class Ledger:
 
     def migrate(self) -> int:
         """Create or upgrade the schema to :data:`SCHEMA_VERSION`; safe to race."""
-        return self._run(self._migrate)
+        try:
+            return self._run(self._migrate)
+        except NotAuthorizedError as exc:  # a team's role may use the schema, not change it
+            raise amended(
+                exc, f"the schema needs version {SCHEMA_VERSION}: run `exclusive-xcom db migrate` as its owner"
+            ) from exc
+
+    def grant(self, team: str, role: str) -> None:
+        """PostgreSQL: let ``role`` (an existing login) use the ledger as a member of ``team``,
+        seeing and changing that team's rows only; row-level security is switched on first."""
+        if self.engine.dialect.name != "postgresql":
+            raise ConfigurationError(
+                "row-level security needs PostgreSQL; on MySQL/MariaDB and SQLite give each team a ledger "
+                "database of its own, with credentials only its workers have"
+            )
+
+        def tx(conn: sa.Connection) -> None:
+            if conn.execute(q.role_exists(role)).scalar() is None:
+                raise ConfigurationError(f"no database role {role!r}: create it (CREATE ROLE ... LOGIN) first")
+            for statement in (*q.row_security(), *q.team_grants(team, q.quoted(conn, role))):
+                conn.exec_driver_sql(statement)
+
+        self._run(tx)
 
     def schema_version(self) -> int:
         return self._run(_read_version)
@@ -263,13 +301,28 @@ class Ledger:
                 step(conn)
             if current < SCHEMA_VERSION:
                 _write_meta(conn, "schema_version", str(SCHEMA_VERSION))
-            if conn.execute(q.get_meta("signing_secret")).scalar() is None:
-                conn.execute(q.insert_meta("signing_secret", secrets.token_hex(32)))
             return SCHEMA_VERSION
 
+    @cached_property
+    def inline_limit(self) -> int | None:
+        """The largest payload one statement may carry, where the server has such a limit.
+
+        MySQL/MariaDB refuse a statement above ``max_allowed_packet`` by dropping the
+        connection (indistinguishable from an outage), and PyMySQL's escaping can double
+        a payload's bytes on the wire: half the packet, less room for the rest of the row.
+        """
+        if self.engine.dialect.name not in ("mysql", "mariadb"):
+            return None
+        packet = int(self._run(lambda conn: conn.execute(q.max_packet()).scalar_one()))
+        return max((packet - _ROW_SLACK) // 2, 1024)
+
     def secret(self) -> bytes:
-        """This ledger's own signing key, made once; used when no secret is configured."""
-        return self._run(_secret)
+        """This ledger's own signing key, made on first use: only a configuration that
+        allows plaintext and sets no key signs with it, so only such a ledger holds one."""
+        try:
+            return self._run(_secret)
+        except sa.exc.IntegrityError:  # another process made it at the same moment
+            return self._run(_secret)
 
     # -- tries ------------------------------------------------------------------------------
 
@@ -308,7 +361,8 @@ class Ledger:
 
     def produce(self, production: Production) -> int:
         """Write an output, replacing unconsumed items of earlier tries; returns item count."""
-        return self._run(lambda conn: _produce(conn, production, self._now())[0], production.output.ref())
+        budget = self.inline_limit
+        return self._run(lambda conn: _produce(conn, production, self._now(), budget)[0], production.output.ref())
 
     def finish(
         self,
@@ -348,7 +402,7 @@ class Ledger:
                     conn.execute(*q.mark_finished(claimant.ti_key, claimant.try_number, key, now))
             stale = list(blobs)
             for production in productions:
-                stale.extend(_produce(conn, production, now)[1])
+                stale.extend(_produce(conn, production, now, self.inline_limit)[1])
             return self._unneeded(conn, stale)
 
         def consume_now(conn: sa.Connection) -> list[str] | None:
@@ -697,6 +751,13 @@ class Ledger:
                 if _is_deadlock(exc) and attempt < 2:
                     time.sleep(0.05 * (attempt + 1))
                     continue
+                if _is_refused(exc):
+                    raise NotAuthorizedError(
+                        f"the claim ledger at {_safe_url(self.engine)} refused this as user "
+                        f"{self.engine.url.username!r}: {_first_line(exc.orig)} (row-level security gives each "
+                        "team's role its own team's items only); nothing was changed",
+                        ref,
+                    ) from exc
                 if isinstance(exc, sa.exc.IntegrityError | sa.exc.ProgrammingError | sa.exc.DataError):
                     raise
                 error = LedgerUnavailableError(self._failure(exc, UNKNOWN_OUTCOME if sent else ROLLED_BACK), ref)
@@ -741,11 +802,7 @@ def _claim_one(
     if row is None:
         busy = conn.execute(*q.peek_slot(out.output_id, request.generation, slot, seq)).first()
         if busy is None:
-            raise PayloadError(
-                "no ledger item matches this handle: it was purged, or replaced by a newer run of the "
-                "producer; re-run the producer to make a new one",
-                out.ref(claimant.slot),
-            )
+            _no_row(conn, claimant, request)
         return _busy(claimant, request, "another task is claiming it right now")
     _authorize(claimant, request, json.loads(row.consumers))
     if row.state == CONSUMED:
@@ -760,6 +817,25 @@ def _claim_one(
         return _busy(claimant, request, f"held by {_describe_owner(row)} until {row.lease_expires_at}")
     claimed.add(row, claimant)
     return claimed, []
+
+
+def _no_row(conn: sa.Connection, claimant: Claimant, request: ClaimRequest) -> NoReturn:
+    """Why a handle found no row: the producer wrote other consumers (the handle was altered
+    and signed again, by someone holding a key), or its rows are gone."""
+    out = request.output
+    written = conn.execute(q.output_consumers(out.output_id, request.generation)).scalar()
+    if written is not None and written != _consumers_json(request.consumers):
+        raise PayloadError(
+            f"this handle names consumers {sorted(request.consumers)} but the producer wrote "
+            f"{json.loads(written)}: the handle was altered and signed again with a valid key (check who "
+            "holds [exclusive_xcom] secret_key); nothing was claimed",
+            out.ref(claimant.slot),
+        )
+    raise PayloadError(
+        "no ledger item matches this handle: it was purged, or replaced by a newer run of the "
+        "producer; re-run the producer to make a new one",
+        out.ref(claimant.slot),
+    )
 
 
 def _slot_of(claimant: Claimant, request: ClaimRequest) -> str:
@@ -832,8 +908,12 @@ def _origin(row: Any, claimant: Claimant | None) -> str:
     return f"taken over from {_describe_owner(row)} (lease expired)"
 
 
-def _produce(conn: sa.Connection, production: Production, now: datetime) -> tuple[int, list[str]]:
-    """Insert an output's rows; returns their count and the blobs of the rows it replaced."""
+def _produce(
+    conn: sa.Connection, production: Production, now: datetime, budget: int | None = None
+) -> tuple[int, list[str]]:
+    """Insert an output's rows; returns their count and the blobs of the rows it replaced.
+
+    ``budget``: the payload bytes one INSERT may carry (:attr:`Ledger.inline_limit`)."""
     out = production.output
     replaced = list(conn.execute(q.unconsumed_uris(out.output_id)).scalars())
     conn.execute(q.replace_unconsumed(out.output_id))
@@ -851,7 +931,7 @@ def _produce(conn: sa.Connection, production: Production, now: datetime) -> tupl
         "created_at": now,
     }
     count = 0
-    for chunk in _chunks(_rows(production, base), INSERT_CHUNK):
+    for chunk in _chunks(_rows(production, base), INSERT_CHUNK, budget):
         conn.execute(q.insert_items(), chunk)
         count += len(chunk)
     return count, replaced
@@ -890,13 +970,17 @@ def _payload_columns(payload: bytes | Offloaded) -> dict[str, Any]:
     return {"payload": payload, "payload_uri": None, "payload_size": len(payload), "payload_sha256": None}
 
 
-def _chunks(rows: Iterable[_T], size: int) -> Iterator[list[_T]]:
-    chunk: list[_T] = []
+def _chunks(rows: Iterable[dict[str, Any]], size: int, budget: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows in INSERTs of at most ``size`` rows and, with a ``budget``, that many payload bytes."""
+    chunk: list[dict[str, Any]] = []
+    used = 0
     for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
+        cost = len(row["payload"] or b"") if budget else 0
+        if chunk and (len(chunk) == size or (budget and used + cost > budget)):
             yield chunk
-            chunk = []
+            chunk, used = [], 0
+        chunk.append(row)
+        used += cost
     if chunk:
         yield chunk
 
@@ -972,11 +1056,21 @@ def _write_meta(conn: sa.Connection, name: str, value: str) -> None:
 def _secret(conn: sa.Connection) -> bytes:
     # Look before reading: on a never-migrated database the SELECT itself would fail with a
     # raw ProgrammingError (PostgreSQL, MySQL) instead of saying what to do.
-    has_meta = sa.inspect(conn).has_table(meta.name)
-    value = conn.execute(q.get_meta("signing_secret")).scalar() if has_meta else None
-    if value is None:
+    if not sa.inspect(conn).has_table(meta.name):
         raise LedgerUnavailableError("the claim ledger has no schema yet: run `exclusive-xcom db migrate`")
+    value = conn.execute(q.get_meta("signing_secret")).scalar()
+    if value is None:
+        value = secrets.token_hex(32)
+        conn.execute(q.insert_meta("signing_secret", value))
     return bytes.fromhex(value)
+
+
+def _is_refused(exc: sa.exc.DBAPIError) -> bool:
+    """A privilege or row-level-security refusal (SQLSTATE 42501; MySQL's "command denied")."""
+    if getattr(exc.orig, "sqlstate", None) == "42501":
+        return True
+    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+    return len(args) > 0 and args[0] in (1142, 1143)
 
 
 def _is_deadlock(exc: sa.exc.DBAPIError) -> bool:

@@ -399,6 +399,11 @@ def select_by_ids(ids: Sequence[int]) -> Rows:
     return sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id)
 
 
+def output_consumers(output_id: str, generation: int) -> sa.Select[str]:
+    """The consumers one generation of an output was written for (every row names the same)."""
+    return sa.select(item.c.consumers).where(item.c.output_id == output_id, item.c.generation == generation).limit(1)
+
+
 def count_output(output_id: str, generation: int, slot: str | None = None) -> sa.Select[int]:
     stmt = sa.select(sa.func.count()).where(item.c.output_id == output_id, item.c.generation == generation)
     return stmt if slot is None else stmt.where(item.c.slot == slot)
@@ -603,6 +608,11 @@ def delete_fences(ti_keys: Sequence[str], cutoff: datetime) -> sa.Delete:
     return sa.delete(fence).where(fence.c.ti_key.in_(ti_keys), fence.c.updated_at < cutoff)
 
 
+def max_packet() -> sa.TextClause:
+    """MySQL/MariaDB: the largest statement the server accepts."""
+    return sa.text("SELECT @@max_allowed_packet")
+
+
 def get_meta(name: str) -> sa.Select[str]:
     return sa.select(meta.c.value).where(meta.c.name == name)
 
@@ -613,3 +623,63 @@ def insert_meta(name: str, value: str) -> sa.Insert:
 
 def update_meta(name: str, value: str) -> sa.Update:
     return sa.update(meta).where(meta.c.name == name).values(value=value)
+
+
+# -- row-level security (PostgreSQL) -----------------------------------------------------------
+#
+# A team's rows are those whose key (output_id, ti_key) starts with "<team>:" (see
+# ledger.team_key). A team is a NOLOGIN role named TEAM_ROLE_PREFIX + team; workers log in
+# with roles that are members of it. The policies let a member read and write rows of its
+# teams only, so a task with team A's credentials cannot see, claim, consume, release or
+# fence team B's items, whatever SQL it sends; the table owner (who migrates and purges) is
+# not subject to them.
+
+TEAM_ROLE_PREFIX = "exclusive_xcom_team_"
+_MY_TEAMS = "split_part({column}, ':', 1) = ANY ((SELECT exclusive_xcom_my_teams())::text[])"
+
+
+def row_security() -> list[str]:
+    """Statements that switch row-level security on (idempotent)."""
+    statements = [
+        "CREATE OR REPLACE FUNCTION exclusive_xcom_my_teams() RETURNS text[] LANGUAGE sql STABLE "
+        "SET search_path = pg_catalog, pg_temp AS $$ "
+        f"SELECT coalesce(array_agg(substr(rolname, {len(TEAM_ROLE_PREFIX) + 1})), '{{}}') FROM pg_roles "
+        f"WHERE starts_with(rolname, '{TEAM_ROLE_PREFIX}') AND pg_has_role(current_user, oid, 'MEMBER') $$",
+    ]
+    for table, column in ((item.name, "output_id"), (fence.name, "ti_key")):
+        mine = _MY_TEAMS.format(column=column)
+        statements += [
+            f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
+            f"DROP POLICY IF EXISTS exclusive_xcom_team ON {table}",
+            f"CREATE POLICY exclusive_xcom_team ON {table} USING ({mine}) WITH CHECK ({mine})",
+        ]
+    return [
+        *statements,  # members read the schema version, nothing else of the meta table
+        f"ALTER TABLE {meta.name} ENABLE ROW LEVEL SECURITY",
+        f"DROP POLICY IF EXISTS exclusive_xcom_team ON {meta.name}",
+        f"CREATE POLICY exclusive_xcom_team ON {meta.name} FOR SELECT USING (name = 'schema_version')",
+    ]
+
+
+def team_grants(team: str, login: str) -> list[str]:
+    """Make the team's role (if need be), give it the claim path's privileges, add ``login``
+    (already quoted) to it. ``team`` is checked by the caller: lowercase letters, digits, ``_``."""
+    role = f"{TEAM_ROLE_PREFIX}{team}"
+    return [
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+        f"THEN CREATE ROLE {role} NOLOGIN; END IF; END $$",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {item.name}, {fence.name} TO {role}",
+        f"GRANT SELECT ON {meta.name} TO {role}",
+        f"DO $$ BEGIN EXECUTE 'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('{item.name}', 'id') "
+        f"|| ' TO {role}'; END $$",
+        f"GRANT {role} TO {login}",
+    ]
+
+
+def role_exists(role: str) -> sa.Select[int]:
+    return sa.select(sa.literal(1)).select_from(sa.text("pg_roles")).where(sa.text("rolname = :role")).params(role=role)
+
+
+def quoted(conn: sa.Connection, name: str) -> str:
+    """An identifier as this database quotes it (a role name is not a bind parameter)."""
+    return conn.dialect.identifier_preparer.quote(name)

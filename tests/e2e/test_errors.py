@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from exclusive_xcom import NotAuthorizedError
 from exclusive_xcom.handle import MARKER, RESERVED_KEY
 from tests.support import airflow_env
 
 from .driver import LEDGER_URL
-from .harness import EXAMPLE_DAGS, TEST_DAGS, Result
+from .harness import EXAMPLE_DAGS, TEST_DAGS, Airflow, Result
 
 NOWHERE = "postgresql+psycopg://postgres@127.0.0.1:1/nope"
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$", re.MULTILINE)
@@ -137,6 +138,80 @@ def test_an_unreachable_ledger_fails_the_task_with_ledger_unavailable_error(dag_
     assert "this step changed nothing (it never reached its commit)" in message
     assert "[dag='exclusive_etl' run=" in message and "producer='extract' key='return_value'" in message
     assert run.xcoms("extract") == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the key check comes before any ledger write
+@pytest.mark.dag_runs(
+    [EXAMPLE_DAGS / "exclusive_etl.py"],
+    [{"dag_id": "exclusive_etl"}],
+    env={"AIRFLOW__CORE__FERNET_KEY": "", "AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY": ""},
+)
+def test_without_any_key_the_first_produce_fails_naming_both_ways_to_set_one(dag_runs: Result) -> None:
+    """Secure by default: no key and no allow_plaintext, so nothing is stored in plaintext."""
+    result = dag_runs
+    run = result.run
+
+    assert run.states() == {"extract": "failed", "transform": "upstream_failed", "load": "upstream_failed"}, (
+        result.tail()
+    )
+    kind, message = final_exception(run.log)
+    assert kind == "exclusive_xcom.errors.ConfigurationError", (kind, message)
+    assert message.startswith("no key configured to encrypt exclusive_xcom payloads"), message
+    assert "[exclusive_xcom] secret_key" in message and "[core] fernet_key" in message
+    assert "allow_plaintext = True" in message
+    assert f"[dag='exclusive_etl' run='{run.run_id}' producer='extract' key='return_value'" in message
+    assert run.xcoms("extract") == [] and result.ledger_rows() == [], "nothing written"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.dag_runs(
+    [EXAMPLE_DAGS / "exclusive_etl.py"],
+    [{"dag_id": "exclusive_etl"}],
+    env={
+        "AIRFLOW__CORE__FERNET_KEY": "",
+        "AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY": "",
+        "AIRFLOW__EXCLUSIVE_XCOM__ALLOW_PLAINTEXT": "True",
+    },
+)
+def test_allow_plaintext_stores_unencrypted_payloads_as_asked(dag_runs: Result) -> None:
+    result = dag_runs
+    run = result.run
+
+    assert run.states() == {"extract": "success", "transform": "success", "load": "success"}, result.tail()
+    with sa.create_engine(result.ledger_url).connect() as conn:
+        stored = conn.execute(sa.text("SELECT name FROM exclusive_xcom_meta ORDER BY name")).scalars().all()
+    assert stored == ["schema_version", "signing_secret"], "only a plaintext ledger keeps its own signing key"
+
+
+PASSWORD = "s3cret-pw"
+#: Every way a ledger URL with a password in it can fail a task (cf. the CLI's in test_cli.py).
+LEAKY_URLS = {
+    "driver missing (postgres://)": f"postgres://postgres:{PASSWORD}@127.0.0.1/test",
+    "driver missing (mysql://)": f"mysql://root:{PASSWORD}@127.0.0.1/test",
+    "not a URL": f"bogus:://u:{PASSWORD}@x",
+    "unreachable PostgreSQL": f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:1/test",
+    "unreachable MariaDB": f"mysql+pymysql://root:{PASSWORD}@127.0.0.1:1/test",
+}
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_no_password_reaches_a_task_log(airflow: Airflow, ledger_url: str) -> None:
+    """The whole Airflow output (every task log, as the UI shows them) of runs whose ledger URL
+    carries a password: five that fail on it, one that works (trust auth ignores the password)."""
+    working = sa.make_url(ledger_url).set(password=PASSWORD).render_as_string(hide_password=False)
+    urls = [*LEAKY_URLS.values(), working]
+    runs = [{"dag_id": "exclusive_etl", "env": {LEDGER_URL: url}} for url in urls]
+    result = airflow.test([EXAMPLE_DAGS / "exclusive_etl.py"], runs, None)
+
+    assert len(result.runs) == len(urls), result.tail()
+    for what, run in zip(LEAKY_URLS, result.runs, strict=False):
+        assert run.states()["extract"] == "failed", (what, result.tail())
+        kind, message = final_exception(run.log)
+        assert kind.startswith("exclusive_xcom.errors."), (what, kind, message)
+        assert ":***@" in message, (what, message)
+    assert result.runs[-1].state == "success", result.tail()
+    leaks = [line for line in result.output.splitlines() if PASSWORD in line]
+    assert not leaks, "the password was printed:\n" + "\n".join(leaks[:20])
 
 
 TYPO_DAG = """

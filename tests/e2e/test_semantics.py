@@ -63,7 +63,8 @@ def test_a_worker_that_fails_for_good_in_a_later_batch_releases_every_batch(dag_
     )
     assert run.log.count("failed for good; released 40 claim(s)") == 2, result.tail()
     says = (
-        "the stored payload is corrupted or of an unknown type: Expecting value: line 1 column 1 (char 0); "
+        "the stored payload is not encrypted (or is corrupted), and [exclusive_xcom] allow_plaintext is not set: "
+        "run `exclusive-xcom rotate-key` to encrypt stored payloads, or set allow_plaintext = True; "
         "this try holds 40 items (ids 1..40): its retry takes them back first; if it fails for good, they are released"
     )
     assert run.log.count(says) >= 2, "each shard's error says what it holds" + result.tail()

@@ -72,7 +72,10 @@ def test_a_million_items_stream_in_chunks_with_bounded_memory(tmp_path: Path) ->
 
 @pytest.mark.parametrize("value", [42, "abc", b"abc", {"a": 1}, None])
 def test_items_mode_refuses_a_value_that_is_not_a_collection_of_items(value: object) -> None:
-    session = Session(Claimant(DAG, RUN, "enqueue"), env=None)  # type: ignore[arg-type]  # no ledger needed
+    from exclusive_xcom.config import Settings
+
+    no_ledger = type("Env", (), {"settings": Settings(url="")})()
+    session = Session(Claimant(DAG, RUN, "enqueue"), env=no_ledger)
     with pytest.raises(
         PayloadError, match=r"mode='items' \(or a consumer mapped over the output\) needs an iterable return value"
     ) as caught:

@@ -42,7 +42,7 @@ HOUR = 3600.0
 
 
 def codec_for(secret: str, store: BlobStore) -> Codec:
-    return Codec(keyring_from(secret, "", b"ledger-own-key"), THRESHOLD, store)
+    return Codec(keyring_from(secret, "", b"ledger-own-key", allow_plaintext=not secret), THRESHOLD, store)
 
 
 @pytest.fixture

@@ -38,8 +38,9 @@ SUFFIX = "[dag='d' run='r' producer='extract' key='return_value' consumer='{}']"
 @pytest.fixture(autouse=True)
 def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """A fresh ledger and object-storage folder; option caches cleared before and after."""
-    for name in ("SECRET_KEY", "CONN_ID", "BASE_XCOM_BACKEND"):
+    for name in ("CONN_ID", "BASE_XCOM_BACKEND"):
         monkeypatch.delenv(f"AIRFLOW__EXCLUSIVE_XCOM__{name}", raising=False)
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY", "unit-key")
     monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN", f"sqlite:///{tmp_path / 'ledger.db'}")
     monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH", f"file://{tmp_path / 'offload'}")
     monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_THRESHOLD_BYTES", "100")

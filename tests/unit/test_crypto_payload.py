@@ -59,7 +59,7 @@ VALUES: list[Any] = [
 
 def keys(secret: str) -> Keyring:
     """The keyring of ``[exclusive_xcom] secret_key = secret`` ("" means none: plain payloads)."""
-    return keyring_from(secret, "", b"ledger-own-signing-key")
+    return keyring_from(secret, "", b"ledger-own-signing-key", allow_plaintext=not secret)
 
 
 def codec(secret: str, threshold: int = BIG, store: BlobStore | None = None) -> Codec:
