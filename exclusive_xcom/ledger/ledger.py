@@ -53,6 +53,8 @@ EACH, ONE, ITEMS = "each", "one", "items"
 MODES = (EACH, ONE, ITEMS)
 INSERT_CHUNK = 1000
 _ROW_SLACK = 64 * 1024  # bytes of a statement that are not payload: SQL text, other columns
+_DEFAULT_PACKET = 16 << 20  # MariaDB's default max_allowed_packet (MySQL 8's is 64 MiB)
+_packets: dict[str, int] = {}  # max_allowed_packet by ledger URL, as migrate() read it
 #: Fence rows outlive even a short ``purge --older-than``: a deleted fence would let a
 #: zombie try act again, so only task instances quiet for this long lose theirs.
 FENCE_RETENTION = timedelta(days=7)
@@ -301,19 +303,23 @@ class Ledger:
                 step(conn)
             if current < SCHEMA_VERSION:
                 _write_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            if conn.dialect.name in ("mysql", "mariadb"):
+                _packets[self.engine.url.render_as_string()] = int(conn.execute(q.max_packet()).scalar_one())
             return SCHEMA_VERSION
 
-    @cached_property
+    @property
     def inline_limit(self) -> int | None:
         """The largest payload one statement may carry, where the server has such a limit.
 
         MySQL/MariaDB refuse a statement above ``max_allowed_packet`` by dropping the
         connection (indistinguishable from an outage), and PyMySQL's escaping can double
         a payload's bytes on the wire: half the packet, less room for the rest of the row.
+        The server's value is read by :meth:`migrate` (no round trip of its own); until
+        then MariaDB's default (16 MiB) is assumed.
         """
         if self.engine.dialect.name not in ("mysql", "mariadb"):
             return None
-        packet = int(self._run(lambda conn: conn.execute(q.max_packet()).scalar_one()))
+        packet = _packets.get(self.engine.url.render_as_string(), _DEFAULT_PACKET)
         return max((packet - _ROW_SLACK) // 2, 1024)
 
     def secret(self) -> bytes:

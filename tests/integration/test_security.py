@@ -104,7 +104,9 @@ def test_a_handle_altered_and_signed_again_is_named_as_such_not_as_purged(ledger
 
 
 @pytest.mark.parametrize("backend", ["mysql"])
-def test_payloads_never_exceed_the_servers_packet_limit(configured: pytest.MonkeyPatch, ledger_url: str) -> None:
+def test_payloads_never_exceed_the_servers_packet_limit(
+    configured: pytest.MonkeyPatch, ledger_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """MariaDB drops the connection over a statement above max_allowed_packet (16 MiB here), which
     looks like an outage: a threshold above it is capped, and INSERTs are split by bytes."""
     configured.setenv("AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY", "team-key")
@@ -112,6 +114,7 @@ def test_payloads_never_exceed_the_servers_packet_limit(configured: pytest.Monke
     current = env_for(config.load_settings())
     limit = current.ledger.inline_limit
     assert limit is not None and current.codec.threshold == limit < 16 << 20
+    assert f"payloads above {limit} bytes go to object storage instead" in caplog.text
 
     big = current.codec.encode("x" * (12 << 20), "f", EXTRACT.ref())
     assert isinstance(big, Offloaded), "a payload one statement cannot carry goes to object storage"
