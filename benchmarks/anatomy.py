@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from benchmarks.db import DAG, DURABILITY, GENERATION, RUN, fill_items, fresh_database, migrated_ledger
+from benchmarks.db import DAG, DURABILITY, GENERATION, RUN, as_task, fill_items, fresh_database, migrated_ledger
 from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, create_engine
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _claimant() -> Claimant:
-    return Claimant(DAG, RUN, CONSUMER, map_index=0)
+    return as_task(Claimant(DAG, RUN, CONSUMER, map_index=0))
 
 
 def _request(limit: int = 1) -> ClaimRequest:
@@ -224,12 +224,14 @@ def _statement_texts() -> dict[str, str]:
     now = datetime(2026, 1, 1)
     statements = {
         "claim (PostgreSQL, one statement)": q.claim_ready_now(
-            "<output>", 1, None, "[]", c.identity, 1, now, now, c.ti_key, 1
+            "<output>", 1, None, "[]", c.identity, 1, now, now, c.ti_key, 1, maker=c.maker
         ),
-        "finish (PostgreSQL, one statement)": q.consume_all_now([1], c.identity, 1, now, c.ti_key, "<inputs>"),
+        "finish (PostgreSQL, one statement)": q.consume_all_now(
+            [1], c.identity, 1, now, c.ti_key, "<inputs>", maker=c.maker
+        ),
         "claim, general path: lock_ready": q.lock_ready("<output>", 1, 1),
-        "claim, general path: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
-        "finish, general path: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key),
+        "claim, general path: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key, c.maker),
+        "finish, general path: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key, maker=c.maker),
         "finish, general path: mark_finished": q.mark_finished(c.ti_key, 1, "<inputs>", now),
     }
     return {name: _sql(bound[0], postgresql.dialect()) for name, bound in statements.items()}
@@ -247,8 +249,8 @@ def _build_cost(repeat: int = 300) -> dict[str, float]:
     now = datetime(2026, 1, 1)
     builders = {
         "lock_ready": lambda: q.lock_ready("<output>", 1, 1),
-        "mark_claimed": lambda: q.mark_claimed([1], c.identity, 1, now, now, c.ti_key),
-        "mark_consumed": lambda: q.mark_consumed([1], c.identity, 1, now, c.ti_key),
+        "mark_claimed": lambda: q.mark_claimed([1], c.identity, 1, now, now, c.ti_key, c.maker),
+        "mark_consumed": lambda: q.mark_consumed([1], c.identity, 1, now, c.ti_key, maker=c.maker),
     }
     cost = {}
     for name, build in builders.items():

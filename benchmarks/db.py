@@ -10,20 +10,31 @@ number series, not through the library.
 from __future__ import annotations
 
 import json
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
-from exclusive_xcom.ledger import Ledger, Output, create_engine
+from exclusive_xcom.ledger import Claimant, Ledger, Output, create_engine
 from exclusive_xcom.ledger.schema import CONSUMED, READY, SHARED_SLOT, item
 from tests.support import throwaway_database
 
 PAYLOAD = b"x" * 64  # every item's payload, in every contender
 DAG, RUN = "bench", "manual__bench"
+
+
+def as_task(claimant: Claimant) -> Claimant:
+    """``claimant`` with what a task's claims record of it (a task-instance id and the host), so
+    that the benchmarks pay for the recording as tasks do."""
+    return replace(claimant, ti_id=str(uuid.uuid4()), host=socket.gethostname())
+
+
 GENERATION = 1
 
 #: How a PostgreSQL benchmark database commits. "durable" is the server as configured

@@ -24,6 +24,7 @@ from benchmarks.db import (
     PAYLOAD,
     RUN,
     analyze,
+    as_task,
     backend,
     fill_items,
     fresh_database,
@@ -81,7 +82,7 @@ def _fill(ledger: Ledger, size: int) -> float:
 
 
 def _claimant(try_number: int = 1) -> Claimant:
-    return Claimant(DAG, RUN, CONSUMER, map_index=0, try_number=try_number)
+    return as_task(Claimant(DAG, RUN, CONSUMER, map_index=0, try_number=try_number))
 
 
 def _measure(ledger: Ledger, db: str, size: int, seconds: float, fill_seconds: float) -> list[dict[str, Any]]:

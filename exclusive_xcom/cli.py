@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
@@ -103,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="counts by state, bytes stored, oldest unconsumed item")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
+
+    audit = sub.add_parser(
+        "audit",
+        help="claims and consumes checked against what Airflow ran (exit status 1 if any does not match)",
+    )
+    audit.add_argument("--dag-id", help="items produced or claimed in this DAG")
+    audit.add_argument("--run-id", help="items produced or claimed in this run")
+    audit.add_argument(
+        "--since", type=_since, help="claimed or consumed since: a time ago (7d, 12h) or an ISO time (UTC unless given)"
+    )
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=_audit)
     return parser
 
 
@@ -187,13 +199,40 @@ def _stats(args: argparse.Namespace) -> None:
     )
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from exclusive_xcom.audit import audit, metadata_engine
+
+    ledger = _ledger(args)
+    metadata = metadata_engine()
+    try:
+        report = audit(ledger, metadata, dag_id=args.dag_id, run_id=args.run_id, since=args.since)
+    finally:
+        metadata.dispose()
+    lines = [f.line() for f in report.findings] + [report.summary()]
+    _emit(report.as_json(), args.json, lambda: "\n".join(lines))
+    return 1 if report.findings else 0
+
+
 # -- plumbing --------------------------------------------------------------------------------
+
+
+def _start_airflow() -> None:
+    """Import Airflow, which sets up its metadata DB's engines on import: a ``[database]``
+    configuration it cannot use (its driver is not installed) is then one line, not a traceback."""
+    try:
+        import airflow.configuration  # noqa: F401
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigurationError(
+            f"Airflow cannot start with this configuration: {type(exc).__name__}: {first}"
+        ) from None
 
 
 def _env(args: argparse.Namespace) -> Env:
     from exclusive_xcom.config import load_settings
     from exclusive_xcom.runtime import env_for
 
+    _start_airflow()
     settings = load_settings()
     if args.url:
         settings = dataclasses.replace(settings, url=args.url)
@@ -229,6 +268,19 @@ def _positive_int(raw: str) -> int:
     if not raw.isdigit() or int(raw) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}")
     return int(raw)
+
+
+def _since(raw: str) -> datetime:
+    """A duration ago (``7d``) or an ISO time; naive UTC, as the ledger keeps its times."""
+    if raw[-1:].isalpha() and raw[:-1].isdigit():
+        return datetime.now(timezone.utc).replace(tzinfo=None) - _duration(raw)
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 7d or 12h, or an ISO time such as 2026-12-01T00:00:00, got {raw!r}"
+        ) from None
+    return when if when.tzinfo is None else when.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _duration(raw: str) -> timedelta:

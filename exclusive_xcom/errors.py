@@ -99,6 +99,10 @@ class LedgerUnavailableError(ExclusiveXComError):
     maybe_committed = False  # True when the connection failed while the step committed
 
 
+class MetadataUnavailableError(ExclusiveXComError):
+    """Airflow's metadata database cannot be read (``exclusive-xcom audit`` checks the ledger against it)."""
+
+
 class PayloadError(ExclusiveXComError):
     """The payload cannot be serialized, is too large, is corrupted or its handle is not authentic."""
 

@@ -116,10 +116,31 @@ def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] 
 
 
 def claimant_of(context: Mapping[str, Any], team_of: Callable[[str], str] = lambda _dag_id: "") -> Claimant:
-    """The running task instance's try, in its DAG's team (``team_of``: ``Teams.of``)."""
+    """The running task instance and try, in its DAG's team (``team_of``: ``Teams.of``), with
+    what its claims and consumes record of it: the task-instance id the task runner was
+    started with, and this host."""
     ti = context["ti"]
     map_index = ti.map_index if ti.map_index is not None else -1
-    return Claimant(ti.dag_id, ti.run_id, ti.task_id, map_index, ti.try_number, team_of(ti.dag_id))
+    ti_id = getattr(ti, "id", None)
+    return Claimant(
+        ti.dag_id,
+        ti.run_id,
+        ti.task_id,
+        map_index,
+        ti.try_number,
+        team_of(ti.dag_id),
+        ti_id=None if ti_id is None else str(ti_id),
+        host=this_host(),
+    )
+
+
+@lru_cache(maxsize=1)
+def this_host() -> str:
+    """This machine's name as the task runner reports it to Airflow (``task_instance.hostname``):
+    ``[core] hostname_callable``, else the FQDN. Once per process: the FQDN costs a DNS lookup."""
+    from airflow.sdk.api.client import get_hostname
+
+    return str(get_hostname())  # type: ignore[no-untyped-call]  # the function client.start() reports
 
 
 def is_final_try(context: Mapping[str, Any]) -> bool:

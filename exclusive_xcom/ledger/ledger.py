@@ -44,6 +44,7 @@ from exclusive_xcom.ledger.schema import (
     CONSUMED,
     MIGRATIONS,
     READY,
+    RECORDING_VERSION,
     SCHEMA_VERSION,
     SHARED_SLOT,
     meta,
@@ -61,6 +62,8 @@ FENCE_RETENTION = timedelta(days=7)
 _T = TypeVar("_T")
 ROLLED_BACK = "this step changed nothing (it never reached its commit)"
 UNKNOWN_OUTCOME = "the connection failed while this step committed, so whether it took effect is unknown"
+#: The meta row that says when an older ledger began to record who claims and consumes.
+RECORDED_SINCE = "recorded_since"
 
 
 def team_key(team: str, digest: str) -> str:
@@ -100,7 +103,12 @@ class Output:
 
 @dataclass(frozen=True)
 class Claimant:
-    """A task instance and its try: who claims, and the fence its writes go through."""
+    """A task instance and its try: who claims, and the fence its writes go through.
+
+    ``ti_id`` (Airflow's task-instance id) and ``host`` say which process made a claim or a
+    consume; they are recorded on the rows, never part of the identity or the fence: any
+    task's code can present them, so ``exclusive-xcom audit`` checks them against Airflow.
+    """
 
     dag_id: str
     run_id: str
@@ -108,6 +116,13 @@ class Claimant:
     map_index: int = -1
     try_number: int = 1
     team: str = ""  # [exclusive_xcom] teams: the team of its DAG
+    ti_id: str | None = field(default=None, compare=False)
+    host: str | None = field(default=None, compare=False)
+
+    @property
+    def maker(self) -> tuple[str | None, str | None]:
+        """What a claim or a consume records of who made it."""
+        return (self.ti_id, self.host)
 
     @property
     def identity(self) -> tuple[str, str, str, int]:
@@ -305,6 +320,8 @@ class Ledger:
                 _write_meta(conn, "schema_version", str(SCHEMA_VERSION))
             if conn.dialect.name in ("mysql", "mariadb"):
                 _packets[self.engine.url.render_as_string()] = int(conn.execute(q.max_packet()).scalar_one())
+            if 0 < current < RECORDING_VERSION:  # rows from before say nothing of who made them
+                _write_meta(conn, RECORDED_SINCE, self._now().isoformat())
             return SCHEMA_VERSION
 
     @property
@@ -329,6 +346,11 @@ class Ledger:
             return self._run(_secret)
         except sa.exc.IntegrityError:  # another process made it at the same moment
             return self._run(_secret)
+
+    def recorded_since(self) -> datetime | None:
+        """When this ledger was upgraded to record who claims and consumes (None: always did)."""
+        value = self._run(lambda conn: conn.execute(q.get_meta(RECORDED_SINCE)).scalar())
+        return None if value is None else datetime.fromisoformat(value)
 
     # -- tries ------------------------------------------------------------------------------
 
@@ -398,7 +420,13 @@ class Ledger:
                 _check_fence(conn, claimant, productions[0].output.ref() if productions else None)
             if ids:
                 stmt = q.mark_consumed(
-                    ids, claimant.identity, claimant.try_number, now, claimant.ti_key, self.keep_consumed_payloads
+                    ids,
+                    claimant.identity,
+                    claimant.try_number,
+                    now,
+                    claimant.ti_key,
+                    self.keep_consumed_payloads,
+                    maker=claimant.maker,
                 )
                 done = conn.execute(*stmt)
                 if done.rowcount != len(ids):
@@ -420,6 +448,7 @@ class Ledger:
                 claimant.ti_key,
                 key,
                 self.keep_consumed_payloads,
+                maker=claimant.maker,
             )
             if conn.execute(*stmt).rowcount != len(ids):
                 return None  # nothing changed: the transaction below finds out why
@@ -568,6 +597,7 @@ class Ledger:
             claimant.ti_key,
             limit,
             request.seq or 0,
+            maker=claimant.maker,
         )
         rows = self._run(lambda conn: conn.execute(*stmt).all(), out.ref(claimant.slot), autocommit=True)
         if not rows:
@@ -594,7 +624,9 @@ class Ledger:
                 _check_fence(conn, claimant, requests[0].output.ref(claimant.slot) if requests else None)
                 return result
             lease = now + timedelta(seconds=self.lease_seconds)
-            stmt = q.mark_claimed(result.ids, claimant.identity, claimant.try_number, now, lease, claimant.ti_key)
+            stmt = q.mark_claimed(
+                result.ids, claimant.identity, claimant.try_number, now, lease, claimant.ti_key, claimant.maker
+            )
             if conn.execute(*stmt).rowcount != len(result.ids):
                 # The rows are locked by this transaction: only the fence can have refused.
                 _check_fence(conn, claimant, requests[0].output.ref(claimant.slot))
@@ -636,6 +668,12 @@ class Ledger:
     def items(self, **filters: Any) -> list[dict[str, Any]]:
         """Rows without payloads, newest first, for people and scripts."""
         return self._run(lambda conn: [dict(r._mapping) for r in conn.execute(q.select_items(**filters))])
+
+    def claim_records(self, after_id: int, limit: int, **filters: Any) -> list[Any]:
+        """Up to ``limit`` claimed or consumed rows after ``after_id``, with who claimed and
+        consumed them (:func:`~exclusive_xcom.ledger.queries.claim_records`)."""
+        stmt = q.claim_records(after_id, limit, **filters)
+        return self._run(lambda conn: list(conn.execute(stmt).all()))
 
     def counts(self) -> dict[str, int]:
         return self._run(lambda conn: {s: n for s, n in conn.execute(q.count_by_state())})

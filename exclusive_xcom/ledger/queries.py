@@ -96,6 +96,17 @@ def _owner(owner: tuple[str, str, str, int], try_number: int) -> dict[str, Any]:
     return {"o_dag": dag_id, "o_run": run_id, "o_task": task_id, "o_map": map_index, "o_try": try_number}
 
 
+#: Who made a claim or a consume: the Airflow task-instance id and the host of the process (or
+#: None: code that does not say, such as the benchmarks). Recorded, never checked here: task
+#: code can present any identity, so `exclusive-xcom audit` compares the records with Airflow.
+Maker = tuple[str | None, str | None]
+
+
+def _made_by(maker: Maker) -> dict[str, Any]:
+    ti_id, host = maker
+    return {"m_ti": ti_id, "m_host": host}
+
+
 #: MySQL/MariaDB are told which index a pool claim reads: left to itself MariaDB chose the
 #: unique key at 100,000 rows (in seq order, but through every consumed row of the pool: a
 #: 120 ms claim) and the pool index at 1,000,000 (4 ms).
@@ -156,9 +167,17 @@ _CLAIM_VALUES: dict[str, Any] = {
     "owner_try": _P("o_try"),
     "claimed_at": _P("now"),
     "lease_expires_at": _P("lease"),
+    "owner_ti_id": _P("m_ti"),
+    "owner_host": _P("m_host"),
 }
 _MARK_CLAIMED = sa.update(item).where(_IDS, _NOT_FENCED).values(**_CLAIM_VALUES)
-_CONSUMING: dict[str, Any] = {"state": CONSUMED, "consumed_at": _P("now"), "lease_expires_at": None}
+_CONSUMING: dict[str, Any] = {
+    "state": CONSUMED,
+    "consumed_at": _P("now"),
+    "lease_expires_at": None,
+    "consumed_ti_id": _P("m_ti"),
+    "consumed_host": _P("m_host"),
+}
 _MARK_CONSUMED = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMING, payload=None)
 _MARK_CONSUMED_KEEPING = sa.update(item).where(_HELD, _NOT_FENCED).values(**_CONSUMING)
 _EXTEND_LEASE = sa.update(item).where(_HELD).values(lease_expires_at=_P("lease"))
@@ -255,9 +274,10 @@ def claim_ready_now(
     ti_key: str,
     limit: int,
     seq: int = 0,
+    maker: Maker = (None, None),
 ) -> Bound:
     """PostgreSQL, one statement: claim up to ``limit`` ready rows of a pool (``slot`` None)
-    or one row (a slot's, or item ``seq`` of a pool), for this try."""
+    or one row (a slot's, or item ``seq`` of a pool), for this try, recording its ``maker``."""
     params = {
         "p_output": output_id,
         "p_gen": generation,
@@ -267,6 +287,7 @@ def claim_ready_now(
         "lease": lease,
         "f_key": ti_key,
         **_owner(owner, try_number),
+        **_made_by(maker),
     }
     if slot is None:
         return _CLAIM_READY_NOW, params
@@ -281,13 +302,14 @@ def consume_all_now(
     ti_key: str,
     inputs: str | None,
     keep_payload: bool = False,
+    maker: Maker = (None, None),
 ) -> Bound:
     """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none,
     and record the finish (:func:`mark_finished`) if it consumed them.
 
     The parameters are :func:`mark_consumed`'s, plus the inputs' key and how many rows must be held.
     """
-    _, params = mark_consumed(ids, owner, try_number, now, ti_key)
+    _, params = mark_consumed(ids, owner, try_number, now, ti_key, maker=maker)
     stmt = _CONSUME_ALL_NOW[keep_payload, inputs is not None]  # a batch acknowledged mid-task: no record
     return stmt, {**params, "inputs": inputs, "n": len(params["ids"])}
 
@@ -366,9 +388,11 @@ def mark_claimed(
     now: datetime,
     lease: datetime,
     ti_key: str,
+    maker: Maker = (None, None),
 ) -> Bound:
     """Claim locked rows for this try, unless a newer try of the task instance has begun."""
-    return _MARK_CLAIMED, {"ids": list(ids), "now": now, "lease": lease, "f_key": ti_key, **_owner(owner, try_number)}
+    params = {"ids": list(ids), "now": now, "lease": lease, "f_key": ti_key, **_owner(owner, try_number)}
+    return _MARK_CLAIMED, {**params, **_made_by(maker)}
 
 
 def mark_consumed(
@@ -378,10 +402,11 @@ def mark_consumed(
     now: datetime,
     ti_key: str,
     keep_payload: bool = False,
+    maker: Maker = (None, None),
 ) -> Bound:
     """Consume rows still claimed by exactly this try (the fence every finish goes through)."""
     stmt = _MARK_CONSUMED_KEEPING if keep_payload else _MARK_CONSUMED
-    return stmt, {"ids": list(ids), "now": now, "f_key": ti_key, **_owner(owner, try_number)}
+    return stmt, {"ids": list(ids), "now": now, "f_key": ti_key, **_owner(owner, try_number), **_made_by(maker)}
 
 
 def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime) -> Bound:
@@ -423,6 +448,8 @@ _UNCLAIMED = {
     "owner_try": None,
     "claimed_at": None,
     "lease_expires_at": None,
+    "owner_ti_id": None,
+    "owner_host": None,
 }
 _RELEASE = sa.update(item).where(_HELD).values(**_UNCLAIMED)
 _RELEASE_HELD = (
@@ -501,6 +528,49 @@ def select_items(
         if value is not None:
             stmt = stmt.where(column == value)
     return stmt.limit(limit) if limit else stmt
+
+
+_RECORD_COLUMNS = (
+    item.c.id,
+    item.c.dag_id,
+    item.c.run_id,
+    item.c.task_id,
+    item.c.map_index,
+    item.c.state,
+    item.c.owner_dag_id,
+    item.c.owner_run_id,
+    item.c.owner_task_id,
+    item.c.owner_map_index,
+    item.c.owner_try,
+    item.c.owner_ti_id,
+    item.c.owner_host,
+    item.c.claimed_at,
+    item.c.consumed_ti_id,
+    item.c.consumed_host,
+    item.c.consumed_at,
+)
+
+
+def claim_records(
+    after_id: int,
+    limit: int,
+    *,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    since: datetime | None = None,
+) -> Rows:
+    """Claimed and consumed rows with who claimed and who consumed them, walking the primary key
+    (``exclusive-xcom audit``). ``dag_id``/``run_id`` match the producer's or the claimant's;
+    ``since``: claimed or consumed then or later."""
+    state = sa.func.coalesce(item.c.state, item.c.state)  # by id, not the state index (see purgeable)
+    stmt = sa.select(*_RECORD_COLUMNS).where(item.c.id > after_id, state != _READY)
+    if dag_id is not None:
+        stmt = stmt.where(sa.or_(item.c.dag_id == dag_id, item.c.owner_dag_id == dag_id))
+    if run_id is not None:
+        stmt = stmt.where(sa.or_(item.c.run_id == run_id, item.c.owner_run_id == run_id))
+    if since is not None:
+        stmt = stmt.where(sa.or_(item.c.claimed_at >= since, item.c.consumed_at >= since))
+    return stmt.order_by(item.c.id).limit(limit)
 
 
 def count_by_state() -> sa.Select[str, int]:

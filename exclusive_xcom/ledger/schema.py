@@ -26,6 +26,8 @@ metadata = sa.MetaData()
 _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 _Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_TiId = sa.String(36)  # a task instance's UUID, as text
+_Host = sa.String(1000)  # as long as Airflow's task_instance.hostname
 
 meta = sa.Table(
     "exclusive_xcom_meta",
@@ -66,6 +68,12 @@ item = sa.Table(
     sa.Column("created_at", _Time, nullable=False),
     sa.Column("claimed_at", _Time, nullable=True),
     sa.Column("consumed_at", _Time, nullable=True),
+    # Version 8: the Airflow task-instance id and host of the process that claimed and of the
+    # one that consumed, for `exclusive-xcom audit` to check against what Airflow ran.
+    sa.Column("owner_ti_id", _TiId, nullable=True),
+    sa.Column("owner_host", _Host, nullable=True),
+    sa.Column("consumed_ti_id", _TiId, nullable=True),
+    sa.Column("consumed_host", _Host, nullable=True),
     sa.UniqueConstraint("output_id", "generation", "slot", "seq", name="uq_exclusive_xcom_item"),
     sa.Index("ix_exclusive_xcom_item_run", "dag_id", "run_id", "task_id"),
     # Ids are references held across transactions (a claimant's ids, the CLI's `release ID`):
@@ -166,5 +174,25 @@ def _v7(conn: sa.Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE {fence.name} ADD COLUMN {name} {kind}"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+#: The columns version 8 adds to the item table, and their SQL types.
+RECORD_COLUMNS = {
+    "owner_ti_id": "VARCHAR(36)",
+    "owner_host": "VARCHAR(1000)",
+    "consumed_ti_id": "VARCHAR(36)",
+    "consumed_host": "VARCHAR(1000)",
+}
+#: From this version on every claim and consume records who made it (task instance and host).
+RECORDING_VERSION = 8
+
+
+def _v8(conn: sa.Connection) -> None:
+    """Who claimed and who consumed: a task's code can act for another task, the ledger can
+    only record who did (for `exclusive-xcom audit`)."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns(item.name)}
+    for name, kind in RECORD_COLUMNS.items():
+        if name not in columns:
+            conn.execute(sa.text(f"ALTER TABLE {item.name} ADD COLUMN {name} {kind}"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -91,6 +91,7 @@ class Result:
     dag_runs: list[dict[str, Any]] = field(default_factory=list)
     ledger_url: str = ""
     workdir: Path = Path()  # the test's own folder: its offload folder is workdir / "offload"
+    home: Path = Path()  # the Airflow home the runs were done in (shared by a batch)
 
     def tail(self, lines: int = 120) -> str:
         return f"\n--- last {lines} lines of the Airflow output ---\n{_tail(self.output, lines)}"
@@ -103,6 +104,11 @@ class Result:
     def ledger_rows(self) -> list[dict[str, Any]]:
         """Every row of this test's ledger now."""
         return ledger_rows(self.ledger_url)
+
+    @property
+    def metadata_url(self) -> str:
+        """Airflow's metadata DB the runs were recorded in (a batch's runs share it)."""
+        return f"sqlite:///{self.home / 'airflow.db'}"
 
 
 def run_driver(home: Path, files: Sequence[Path], runs: list[dict[str, Any]], env: Mapping[str, str]) -> Result:
@@ -166,7 +172,7 @@ class Airflow:
         process_env = airflow_env(self.home, ledger_url=ledger_url)
         process_env.update(env or {})
         result = run_driver(self.home, dag_files, runs, process_env)
-        result.ledger_url, result.workdir = ledger_url or "", self.home
+        result.ledger_url, result.workdir, result.home = ledger_url or "", self.home, self.home
         return result
 
 
@@ -264,7 +270,7 @@ class Batches:
             self.results.update(dict.fromkeys(spans, exc))
             return
         for nodeid, (start, end, ledger, workdir) in spans.items():
-            self.results[nodeid] = Result(shared.output, shared.runs[start:end], shared.dag_runs, ledger, workdir)
+            self.results[nodeid] = Result(shared.output, shared.runs[start:end], shared.dag_runs, ledger, workdir, home)
 
 
 def ledger_rows(url: str) -> list[dict[str, Any]]:

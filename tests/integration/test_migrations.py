@@ -27,9 +27,10 @@ from exclusive_xcom.ledger import (
     create_engine,
 )
 from exclusive_xcom.ledger.engine import _engines
-from exclusive_xcom.ledger.ledger import inputs_key
-from exclusive_xcom.ledger.schema import MIGRATIONS, SCHEMA_VERSION, fence, item, meta
+from exclusive_xcom.ledger.ledger import RECORDED_SINCE, inputs_key
+from exclusive_xcom.ledger.schema import MIGRATIONS, RECORD_COLUMNS, SCHEMA_VERSION, fence, item, meta
 from tests.conftest import drop_ledger_database, new_ledger_database
+from tests.integration.conftest import rows as item_rows
 from tests.integration.conftest import text
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,20 +62,46 @@ def _columns(engine: sa.Engine) -> set[str]:
 
 
 def _meta_rows(engine: sa.Engine) -> list[tuple[str, str]]:
+    """The meta rows but ``recorded_since`` (a time): see :func:`_recorded_since`."""
     with engine.connect() as conn:
-        return sorted((r.name, r.value) for r in conn.execute(sa.select(meta.c.name, meta.c.value)))
+        found = conn.execute(sa.select(meta.c.name, meta.c.value).where(meta.c.name != RECORDED_SINCE))
+        return sorted((r.name, r.value) for r in found)
+
+
+def _recorded_since(engine: sa.Engine) -> datetime | None:
+    with engine.connect() as conn:
+        value = conn.execute(sa.select(meta.c.value).where(meta.c.name == RECORDED_SINCE)).scalar()
+        return None if value is None else datetime.fromisoformat(value)
+
+
+#: (version, table, columns): the columns each later version added to a table made earlier.
+ADDED_COLUMNS = [
+    (4, item.name, ["payload_sha256"]),
+    (7, fence.name, ["finished_try", "finished_inputs"]),
+    (8, item.name, list(RECORD_COLUMNS)),
+]
+
+
+def _make_version(engine: sa.Engine, version: int) -> str:
+    """What Ledger.migrate() of version ``version`` left behind: its tables, indexes, version
+    number and secret."""
+    secret = secrets.token_hex(32)
+    with engine.begin() as conn:
+        for step in MIGRATIONS[:version]:
+            step(conn)
+        # Today's table definitions have the columns later versions added; the real ones had not.
+        tables = set(sa.inspect(conn).get_table_names())
+        for added, table, columns in ADDED_COLUMNS:
+            for column in columns if added > version and table in tables else ():
+                conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(sa.insert(meta).values(name="schema_version", value=str(version)))
+        conn.execute(sa.insert(meta).values(name="signing_secret", value=secret))
+    return secret
 
 
 def _make_v1(engine: sa.Engine) -> str:
     """What a version-1 Ledger.migrate() left behind: v1 tables, version 1, its secret."""
-    secret = secrets.token_hex(32)
-    with engine.begin() as conn:
-        MIGRATIONS[0](conn)
-        # Today's table definition has the columns later versions added; a real v1 had not.
-        conn.execute(sa.text(f"ALTER TABLE {item.name} DROP COLUMN payload_sha256"))
-        conn.execute(sa.insert(meta).values(name="schema_version", value="1"))
-        conn.execute(sa.insert(meta).values(name="signing_secret", value=secret))
-    return secret
+    return _make_version(engine, 1)
 
 
 def _claim_as_v1(engine: sa.Engine, holder: Claimant, n: int) -> list[int]:
@@ -182,7 +209,7 @@ def test_a_version_6_fence_learns_to_remember_finishes_keeping_its_rows(ledger_u
         conn.execute(sa.update(meta).where(meta.c.name == "schema_version").values(value="6"))
     engine.dispose()
 
-    assert ledger.migrate() == SCHEMA_VERSION == 7
+    assert ledger.migrate() == SCHEMA_VERSION
     with pytest.raises(ClaimConflictError, match="try 3 of the same task instance has begun"):
         ledger.enter(Claimant(DAG, RUN, "drain", map_index=0, try_number=2))  # its fence row survived
     _produce(ledger, 2)
@@ -191,6 +218,41 @@ def test_a_version_6_fence_learns_to_remember_finishes_keeping_its_rows(ledger_u
     assert ledger.enter(Claimant(DAG, RUN, "drain", map_index=0, try_number=4)) == Finished(
         3, inputs_key([(OUTPUT, 1)])
     )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("start", range(1, SCHEMA_VERSION))
+def test_a_ledger_of_every_earlier_version_is_upgraded_and_then_records_who_claims(ledger_url: str, start: int) -> None:
+    """From any version: the rows and a claim in flight survive; from then on claims and consumes
+    record their task instance and host, and the ledger says since when (older ones record none)."""
+    engine = create_engine(ledger_url)
+    ledger = Ledger(engine)
+    secret = _make_version(engine, start)
+    _produce_as_v1(engine, 5)
+    holder = Claimant(DAG, RUN, "drain", map_index=0, ti_id="0190a0a0-0000-7000-8000-000000000001", host="w1")
+    held = _claim_as_v1(engine, holder, 2)  # claimed by older code: it recorded nobody
+    assert ledger.schema_version() == start
+    assert not set(RECORD_COLUMNS) & _columns(engine)
+    before = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    assert ledger.migrate() == SCHEMA_VERSION
+
+    assert set(RECORD_COLUMNS) <= _columns(engine)
+    assert _meta_rows(engine) == [("schema_version", str(SCHEMA_VERSION)), ("signing_secret", secret)]
+    since = ledger.recorded_since()
+    assert since is not None and since >= before - timedelta(seconds=1)
+    ledger.finish(holder, held)  # the claim made before the upgrade is still good
+    other = Claimant(DAG, RUN, "drain", map_index=1, ti_id="0190a0a0-0000-7000-8000-000000000002", host="w2")
+    rest = ledger.claim(other, [REQUEST]).ids
+    ledger.finish(other, rest)
+    made = {
+        i: (r["owner_ti_id"], r["owner_host"], r["consumed_ti_id"], r["consumed_host"])
+        for i, r in item_rows(engine).items()
+    }
+    assert {i: made[i] for i in held} == dict.fromkeys(held, (None, None, holder.ti_id, "w1"))
+    assert {i: made[i] for i in rest} == dict.fromkeys(rest, (other.ti_id, "w2", other.ti_id, "w2"))
+    assert ledger.counts() == {"consumed": 5}
+    assert ledger.migrate() == SCHEMA_VERSION and ledger.recorded_since() == since, "stamped once"
     engine.dispose()
 
 
@@ -208,6 +270,7 @@ def test_a_fresh_database_is_created_at_the_current_version(ledger_url: str) -> 
 
     assert ledger.schema_version() == SCHEMA_VERSION
     assert CLAIMABLE_INDEX in _indexes(engine)
+    assert ledger.recorded_since() is None, "a new ledger records who claims from the start"
     secret = ledger.secret()
     assert len(secret) == 32
     assert ledger.migrate() == SCHEMA_VERSION
@@ -256,10 +319,11 @@ def test_concurrent_migrators_all_succeed_and_agree(backend: str, tmp_path: Path
 
             assert _migrate_concurrently(url) == [SCHEMA_VERSION] * MIGRATORS
 
-            rows = _meta_rows(engine)
+            found = _meta_rows(engine)
             # Migrating stores no key: a ledger made by older code keeps the one it had.
             expected = [] if secret is None else [("signing_secret", secret)]
-            assert rows == [("schema_version", str(SCHEMA_VERSION)), *expected], rows
+            assert found == [("schema_version", str(SCHEMA_VERSION)), *expected], found
+            assert (_recorded_since(engine) is None) == (secret is None), "only an upgrade says since when"
             assert CLAIMABLE_INDEX in _indexes(engine)
             ledger = Ledger(engine)
             assert ledger.counts() == ({"ready": 3} if start == "v1" else {})
