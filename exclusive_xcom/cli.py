@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
-from exclusive_xcom.ledger.schema import STATES
+from exclusive_xcom.ledger.schema import CONSUMED, STATES
 
 if TYPE_CHECKING:
     from exclusive_xcom.runtime import Env
 
 LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
+UNREAD_COLUMNS = ("dag_id", "task_id", "unread", "waiting", "oldest")
 
 
 class UsageError(Exception):
@@ -67,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("dag-id", "run-id", "task-id"):
         ls.add_argument(f"--{name}")
     ls.add_argument("--state", choices=STATES)
+    ls.add_argument(
+        "--unread",
+        metavar="AGE",
+        nargs="?",
+        const=True,
+        type=_duration,
+        help="only items unconsumed for longer than AGE, e.g. 1d (default: unread_after)",
+    )
     ls.add_argument("--limit", type=_positive_int, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_ls)
@@ -94,7 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     rotate = sub.add_parser("rotate-key", help="re-encrypt stored payloads under the first key of secret_key")
     rotate.set_defaults(func=_rotate_key)
 
-    stats = sub.add_parser("stats", help="counts by state, bytes stored, oldest unconsumed item")
+    stats = sub.add_parser(
+        "stats", help="counts by state, bytes stored, oldest unconsumed item, producers whose items nobody reads"
+    )
+    stats.add_argument(
+        "--unread-after",
+        metavar="AGE",
+        type=_duration,
+        help="unconsumed for longer than this counts as unread (default: unread_after)",
+    )
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
     return parser
@@ -109,11 +126,22 @@ def _db_migrate(args: argparse.Namespace) -> None:
 
 
 def _ls(args: argparse.Namespace) -> None:
-    rows = _ledger(args).items(
-        dag_id=args.dag_id, run_id=args.run_id, task_id=args.task_id, state=args.state, limit=args.limit + 1
+    env, columns, unread_after = _env(args), list(LS_COLUMNS), None
+    if args.unread is not None:
+        if args.state == CONSUMED:
+            raise UsageError("--unread lists unconsumed items; --state consumed matches none of them")
+        unread_after = env.settings.unread_after if args.unread is True else args.unread
+        columns.append("created_at")
+    rows = env.ledger.items(
+        dag_id=args.dag_id,
+        run_id=args.run_id,
+        task_id=args.task_id,
+        state=args.state,
+        unread_after=unread_after,
+        limit=args.limit + 1,
     )
     more, rows = len(rows) > args.limit, rows[: args.limit]
-    _emit(rows, args.json, lambda: _table(rows, LS_COLUMNS))
+    _emit(rows, args.json, lambda: _table(rows, columns))
     if more:  # on stderr, so that --json output stays one JSON document
         print(f"exclusive-xcom: showing the first {args.limit}; more match (raise --limit)", file=sys.stderr)
 
@@ -163,12 +191,20 @@ def _rotate_key(args: argparse.Namespace) -> None:
 
 
 def _stats(args: argparse.Namespace) -> None:
-    stats = _ledger(args).stats()
-    _emit(
-        stats,
-        args.json,
-        lambda: _table([{**stats["counts"], **{k: v for k, v in stats.items() if k != "counts"}}]),
-    )
+    from exclusive_xcom.maintenance import stats as ledger_stats
+
+    env = _env(args)
+    stats = ledger_stats(env.ledger, env.settings.unread_after if args.unread_after is None else args.unread_after)
+    _emit(stats, args.json, lambda: _stats_text(stats))
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    totals = {k: v for k, v in stats.items() if k not in ("counts", "unread", "unread_after")}
+    text = _table([{**stats["counts"], **totals}])
+    if not stats["unread"]:
+        return f"{text}\n\nno item has waited unconsumed for more than {stats['unread_after']}"
+    unread = _table(stats["unread"], UNREAD_COLUMNS)
+    return f"{text}\n\nunconsumed for more than {stats['unread_after']}, by producer:\n{unread}"
 
 
 # -- plumbing --------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
         "",
         "If set, unconsumed items older than this (and not under a live claim) are deleted by purge too.",
     ),
+    "unread_after": (
+        "string",
+        "1d",
+        "Unconsumed items older than this are reported as unread, per producer (exclusive-xcom stats "
+        "and ls --unread, the exclusive_xcom.unread_items gauges): a consumer someone forgot.",
+    ),
     "base_xcom_backend": (
         "string",
         "",
@@ -83,6 +89,7 @@ class Settings:
     fernet_key: str = ""
     retention: timedelta = timedelta(days=7)
     expire_after: timedelta | None = None
+    unread_after: timedelta = timedelta(days=1)
     keep_consumed_payloads: bool = False
 
 
@@ -140,6 +147,7 @@ def load_settings() -> Settings:
         fernet_key=str(conf.get("core", "fernet_key", fallback="") or "").strip(),
         retention=parse_duration(_option("retention") or OPTIONS["retention"][1], f"[{SECTION}] retention"),
         expire_after=parse_duration(expire_after, f"[{SECTION}] expire_after") if expire_after else None,
+        unread_after=parse_duration(_option("unread_after") or OPTIONS["unread_after"][1], f"[{SECTION}] unread_after"),
         keep_consumed_payloads=_flag("keep_consumed_payloads"),
     )
 

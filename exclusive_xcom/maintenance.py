@@ -1,4 +1,5 @@
-"""Keeping a ledger healthy for months: retention purge, orphan sweep, key rotation.
+"""Keeping a ledger healthy for months: retention purge, orphan sweep, key rotation, and
+the outputs nobody reads.
 
 Shared by the ``exclusive-xcom`` CLI and the ready-made maintenance DAG
 (``example_dags/exclusive_maintenance.py``), so both apply the same rules. Rows go in
@@ -9,10 +10,12 @@ referenced it are gone, so a crash in between leaves an orphan blob, never a dan
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from exclusive_xcom.ledger import Ledger, Offloaded
+from exclusive_xcom import metrics
+from exclusive_xcom.ledger import Ledger, Offloaded, Waiting
 from exclusive_xcom.payload import Codec
 
 log = logging.getLogger("exclusive_xcom")
@@ -72,6 +75,40 @@ def run_retention(older_than: str = "", expired_after: str = "", dry_run: bool =
     older = parse_duration(older_than, "older_than") if older_than else current.settings.retention
     expired = parse_duration(expired_after, "expired_after") if expired_after else current.settings.expire_after
     return purge(current.ledger, current.codec, older, expired_after=expired, dry_run=dry_run)
+
+
+def unread(ledger: Ledger, unread_after: timedelta) -> list[Waiting]:
+    """Producers with items unconsumed for longer than ``unread_after``, longest waiting
+    first; also sent as the ``exclusive_xcom.unread_items`` gauges.
+
+    A consumer that was renamed, removed or never deployed fails nothing: its producer's
+    items just wait, and the ledger grows, until someone looks. This is the look.
+    """
+    waiting = ledger.waiting(unread_after)
+    metrics.unread((w.dag_id, w.task_id, w.unread) for w in waiting)
+    return [w for w in waiting if w.unread]
+
+
+def stats(ledger: Ledger, unread_after: timedelta) -> dict[str, Any]:
+    """:meth:`Ledger.stats` and :func:`unread`, as plain data (CLI ``stats``, the maintenance DAG)."""
+    from exclusive_xcom.config import format_duration
+
+    return {
+        **ledger.stats(),
+        "unread_after": format_duration(unread_after),
+        "unread": [asdict(w) for w in unread(ledger, unread_after)],
+    }
+
+
+def run_stats(unread_after: str = "") -> dict[str, Any]:
+    """:func:`stats` with this process's configuration (``unread_after`` unless overridden);
+    what the maintenance DAG reports after its purge."""
+    from exclusive_xcom.config import parse_duration
+    from exclusive_xcom.runtime import env
+
+    current = env()
+    age = parse_duration(unread_after, "unread_after") if unread_after else current.settings.unread_after
+    return stats(current.ledger, age)
 
 
 def _has_store(codec: Codec) -> bool:
