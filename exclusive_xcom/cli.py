@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
 UNREAD_COLUMNS = ("dag_id", "task_id", "unread", "waiting", "oldest")
+#: What ``--help`` says the command is (the module docstring is reStructuredText).
+DESCRIPTION = "Look into and maintain the claim ledger of exclusive_xcom."
 
 
 class UsageError(Exception):
@@ -55,16 +57,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="exclusive-xcom", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="exclusive-xcom", description=DESCRIPTION)
     parser.add_argument("--url", help="ledger SQLAlchemy URL (default: the [exclusive_xcom] configuration)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    db = sub.add_parser("db", help="schema maintenance").add_subparsers(
+    db = _command(sub, "db", "schema maintenance").add_subparsers(
         dest="db_command", required=True, parser_class=_Parser
     )
-    db.add_parser("migrate", help="create or upgrade the ledger schema").set_defaults(func=_db_migrate)
+    _command(db, "migrate", "create or upgrade the ledger schema").set_defaults(func=_db_migrate)
 
-    ls = sub.add_parser("ls", help="list items (newest first), without payloads")
+    ls = _command(sub, "ls", "list items (newest first), without payloads")
     for name in ("dag-id", "run-id", "task-id"):
         ls.add_argument(f"--{name}")
     ls.add_argument("--state", choices=STATES)
@@ -80,16 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_ls)
 
-    show = sub.add_parser("show", help="one item, every field but the payload")
+    show = _command(sub, "show", "one item, every field but the payload")
     show.add_argument("item_id", type=_positive_int)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_show)
 
-    release = sub.add_parser("release", help="free stuck claims whoever holds them")
+    release = _command(sub, "release", "free stuck claims whoever holds them")
     release.add_argument("item_ids", type=_positive_int, nargs="+")
     release.set_defaults(func=_release)
 
-    purge = sub.add_parser("purge", help="delete old consumed (and expired) items, their blobs and orphaned blobs")
+    purge = _command(sub, "purge", "delete old consumed (and expired) items, their blobs and orphaned blobs")
     purge.add_argument(
         "--older-than", type=_duration, help="consumed more than this long ago, e.g. 7d, 12h (default: retention)"
     )
@@ -98,13 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     purge.add_argument("--batch", type=_positive_int, default=1000, help="rows per transaction (default 1000)")
     purge.add_argument("--dry-run", action="store_true")
+    purge.add_argument("--json", action="store_true")
     purge.set_defaults(func=_purge)
 
-    rotate = sub.add_parser("rotate-key", help="re-encrypt stored payloads under the first key of secret_key")
+    rotate = _command(sub, "rotate-key", "re-encrypt stored payloads under the first key of secret_key")
     rotate.set_defaults(func=_rotate_key)
 
-    stats = sub.add_parser(
-        "stats", help="counts by state, bytes stored, oldest unconsumed item, producers whose items nobody reads"
+    stats = _command(
+        sub, "stats", "counts by state, bytes stored, oldest unconsumed item, producers whose items nobody reads"
     )
     stats.add_argument(
         "--unread-after",
@@ -114,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
+    return parser
+
+
+def _command(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` says what it does, as the command list does."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=summary[0].upper() + summary[1:] + "."
+    )
     return parser
 
 
@@ -140,7 +151,7 @@ def _ls(args: argparse.Namespace) -> None:
         unread_after=unread_after,
         limit=args.limit + 1,
     )
-    more, rows = len(rows) > args.limit, rows[: args.limit]
+    more, rows = len(rows) > args.limit, [_readable(r) for r in rows[: args.limit]]
     _emit(rows, args.json, lambda: _table(rows, columns))
     if more:  # on stderr, so that --json output stays one JSON document
         print(f"exclusive-xcom: showing the first {args.limit}; more match (raise --limit)", file=sys.stderr)
@@ -150,7 +161,7 @@ def _show(args: argparse.Namespace) -> None:
     rows = _ledger(args).items(item_id=args.item_id)
     if not rows:
         raise UsageError(f"no item with id {args.item_id}")
-    row = rows[0]
+    row = _readable(rows[0])
     width = max(map(len, row))
     _emit(row, args.json, lambda: "\n".join(f"{k:<{width}}  {_text(v)}" for k, v in row.items()))
 
@@ -178,7 +189,12 @@ def _purge(args: argparse.Namespace) -> None:
         env.ledger, env.codec, older_than, expired_after=expired_after, batch=args.batch, dry_run=args.dry_run
     )
     expired = f", or unconsumed and older than {format_duration(expired_after)}" if expired_after is not None else ""
-    print(f"{report} (consumed more than {format_duration(older_than)} ago{expired})")
+    data = {
+        **dataclasses.asdict(report),
+        "older_than": format_duration(older_than),
+        "expired_after": None if expired_after is None else format_duration(expired_after),
+    }
+    _emit(data, args.json, lambda: f"{report} (consumed more than {format_duration(older_than)} ago{expired})")
 
 
 def _rotate_key(args: argparse.Namespace) -> None:
@@ -228,6 +244,11 @@ def _emit(data: Any, as_json: bool, human: Any) -> None:
     print(json.dumps(data, default=_text, indent=None if isinstance(data, list) else 2) if as_json else human())
 
 
+def _readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as people and JSON read it: ``consumers`` is stored as JSON text."""
+    return {**row, "consumers": json.loads(row["consumers"])} if "consumers" in row else row
+
+
 def _table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(no items)"
@@ -242,6 +263,8 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> 
 def _text(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(_text, value))
     return value.isoformat(sep=" ") if isinstance(value, datetime) else str(value)
 
 

@@ -145,7 +145,10 @@ class RotationReport:
     skipped: int = 0  # changed meanwhile, or a blob being read right now: run again later
 
     def __str__(self) -> str:
-        return f"re-encrypted {self.rewritten} payload(s) under the newest key; {self.skipped} busy, run again"
+        done = f"re-encrypted {self.rewritten} payload(s) under the newest key"
+        if not self.skipped:
+            return done
+        return f"{done}; {self.skipped} busy (being read or changed meanwhile): run again later"
 
 
 def rotate_keys(ledger: Ledger, codec: Codec, *, batch: int = 500) -> RotationReport:

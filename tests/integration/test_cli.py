@@ -209,3 +209,43 @@ def test_ls_unread_lists_the_items_nobody_reads(
 
     monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__UNREAD_AFTER", "3d")
     assert cli(capsys, "--url", forgotten, "ls", "--unread")[1].strip() == "(no items)"
+
+
+def test_every_json_output_parses_and_keeps_lists_as_lists(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = cli(capsys, "--url", seeded, "ls", "--json")
+    rows = json.loads(out)
+    assert all(r["consumers"] == [READER] for r in rows), rows
+    assert all(isinstance(r["payload_size"], int) for r in rows), rows
+
+    _, out, _ = cli(capsys, "--url", seeded, "show", str(rows[0]["id"]), "--json")
+    assert json.loads(out)["consumers"] == [READER]
+    _, out, _ = cli(capsys, "--url", seeded, "show", str(rows[0]["id"]))
+    assert f"consumers         {READER}\n" in out, "people get the list, not its JSON text"
+
+    _, out, _ = cli(capsys, "--url", seeded, "stats", "--unread-after", "0s", "--json")
+    stats = json.loads(out)
+    assert isinstance(stats["counts"], dict) and isinstance(stats["bytes"], int), stats
+    assert [(u["task_id"], u["unread"], u["waiting"]) for u in stats["unread"]] == [("producer", 2, 2)], stats
+
+    _, out, _ = cli(capsys, "--url", seeded, "purge", "--older-than", "0s", "--dry-run", "--json")
+    assert json.loads(out) == {
+        "rows": 1,
+        "blobs": 0,
+        "orphans": 0,
+        "dry_run": True,
+        "older_than": "0s",
+        "expired_after": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["db"], ["db", "migrate"], ["ls"], ["show"], ["release"], ["purge"], ["rotate-key"], ["stats"]],
+    ids=lambda command: "-".join(command) or "exclusive-xcom",
+)
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    code, out, _ = cli(capsys, *command, "--help")
+    assert code == 0 and out.startswith("usage: exclusive-xcom")
+    description = out.split("\n\n")[1]
+    assert description[0].isupper() and description.rstrip().endswith("."), out
+    assert not [mark for mark in ("``", ":func:", ":class:", ":meth:", "**") if mark in out], out
