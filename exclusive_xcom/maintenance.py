@@ -100,15 +100,12 @@ def stats(ledger: Ledger, unread_after: timedelta) -> dict[str, Any]:
     }
 
 
-def run_stats(unread_after: str = "") -> dict[str, Any]:
-    """:func:`stats` with this process's configuration (``unread_after`` unless overridden);
-    what the maintenance DAG reports after its purge."""
-    from exclusive_xcom.config import parse_duration
+def run_stats() -> dict[str, Any]:
+    """:func:`stats` with this process's configuration; what the maintenance DAG reports after its purge."""
     from exclusive_xcom.runtime import env
 
     current = env()
-    age = parse_duration(unread_after, "unread_after") if unread_after else current.settings.unread_after
-    return stats(current.ledger, age)
+    return stats(current.ledger, current.settings.unread_after)
 
 
 def _has_store(codec: Codec) -> bool:
