@@ -1,16 +1,24 @@
-"""One-command demo: run the ETL example in a throwaway Airflow and show the claim ledger.
+"""One-command demo: run an example DAG in a throwaway Airflow and show the claim ledger.
 
     python example_dags/demo.py [--dag exclusive_etl] [--keep]
 
 No server needed. It makes a temporary ``AIRFLOW_HOME`` with a migrated SQLite metadata
-DB and this folder as ``[core] dags_folder`` (``dag.test()`` needs both), runs the DAG
+DB and this folder as ``[core] dags_folder`` (``dag.test()`` needs both), runs the example
 with ``dag.test()`` on the embedded SQLite ledger, then prints what Airflow's XCom table
-holds (only signed handles) and what the ledger holds (every item, consumed once).
+holds (an exclusive output leaves only a signed handle there) and what the ledger holds
+(who consumed each item, once; a large ledger as counts and its first rows).
+
+``dag.test()`` runs one DAG run and starts no other, so each example is run as its
+scenario below says: the cross-DAG hand-off runs the child DAG with the conf the parent's
+trigger gave it, and the maintenance DAG runs after the ETL example, to have something
+to purge. The asset hand-off cannot run here (see :data:`CANNOT_RUN`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -19,11 +27,56 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 #: A throwaway key for a throwaway home: without a key, nothing is produced.
 DEMO_KEY = secrets.token_urlsafe(32)
+DESCRIPTION = "Run an example DAG of exclusive_xcom in a throwaway Airflow and show its XComs and claim ledger."
+HANDLE_KEY = "__exclusive__handle"  # exclusive_xcom.handle.RESERVED_KEY; this script imports no Airflow
+ROWS = 20  # a table longer than this is cut, saying how many rows it left out
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``dag.test()`` run of a DAG of an example file."""
+
+    file: str
+    dag_id: str
+    conf: dict[str, Any] | None = None
+    #: Run with the conf of the run a task of another DAG triggered (nothing here starts that run).
+    conf_of_triggered: bool = False
+
+
+def _alone(name: str, dag_id: str | None = None) -> list[Run]:
+    return [Run(f"{name}.py", dag_id or name)]
+
+
+#: ``--dag`` choice -> the runs it makes, in order.
+SCENARIOS: dict[str, list[Run]] = {
+    "exclusive_etl": _alone("exclusive_etl"),
+    "exclusive_competing": _alone("exclusive_competing"),
+    "exclusive_fanout": _alone("exclusive_fanout"),
+    "exclusive_work_queue": _alone("exclusive_work_queue"),
+    "exclusive_parallel_queue": _alone("exclusive_parallel_queue"),
+    "exclusive_handoff": [
+        Run("exclusive_handoff.py", "exclusive_handoff_parent"),
+        Run("exclusive_handoff.py", "exclusive_handoff_child", conf_of_triggered=True),
+    ],
+    "exclusive_maintenance": [
+        *_alone("exclusive_etl"),
+        Run("exclusive_maintenance.py", "exclusive_xcom_maintenance", {"older_than": "0s"}),
+    ],
+}
+#: Examples this demo cannot run, and why.
+CANNOT_RUN = {
+    "exclusive_asset_handoff": (
+        "its consumer DAG is started by an asset event, which dag.test() cannot do; "
+        "tests/scheduler runs it under a real scheduler"
+    ),
+}
 
 
 def airflow_env(home: Path, dags_folder: Path = HERE) -> dict[str, str]:
@@ -48,60 +101,154 @@ def run(cmd: list[str], env: dict[str, str], log: Path, what: str) -> None:
     print(f"  {what}: ok ({time.monotonic() - started:.1f} s)")
 
 
-def show(title: str, db: Path, query: str) -> None:
+# -- inside the throwaway Airflow --------------------------------------------------------------
+
+
+def run_scenario(spec: str) -> None:
+    """Each run of a scenario (``spec``: JSON of its :class:`Run` list), in order, by ``dag.test()``."""
+    for step in (Run(**r) for r in json.loads(spec)):
+        conf = _conf_of_triggered(step.dag_id) if step.conf_of_triggered else step.conf
+        _dag(HERE / step.file, step.dag_id).test(run_conf=conf)
+
+
+def _dag(file: Path, dag_id: str) -> Any:
+    """The DAG ``dag_id`` of an example file, imported as a module (its ``__main__`` part does not run)."""
+    from airflow.sdk import DAG
+
+    spec = importlib.util.spec_from_file_location(f"demo_{file.stem}", file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return next(v for v in vars(module).values() if isinstance(v, DAG) and v.dag_id == dag_id)
+
+
+def _conf_of_triggered(dag_id: str) -> Any:
+    """The conf a task of another DAG gave its run of ``dag_id`` (a run only a scheduler would start)."""
+    with sqlite3.connect(Path(os.environ["AIRFLOW_HOME"]) / "airflow.db") as conn:
+        row = conn.execute(
+            "SELECT conf FROM dag_run WHERE dag_id = ? AND lower(triggered_by) != 'test' ORDER BY id DESC", (dag_id,)
+        ).fetchone()
+    if row is None:
+        sys.exit(f"no run of {dag_id} was triggered")
+    return json.loads(row[0])
+
+
+# -- what the demo shows -----------------------------------------------------------------------
+
+
+def table(title: str, db: Path, query: str, total: int | None = None) -> None:
+    """Print ``query``'s rows; of a ``total`` above :data:`ROWS`, only the first ones."""
     with sqlite3.connect(db) as conn:
-        cur = conn.execute(query)
+        cur = conn.execute(f"{query} LIMIT {ROWS}")
         columns = [c[0] for c in cur.description]
-        rows = [[("-" if v is None else str(v)) for v in row] for row in cur.fetchall()]
+        rows = [["-" if v is None else str(v) for v in row] for row in cur.fetchall()]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     print(f"\n{title}")
     for line in [columns, *rows]:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    if not rows:
+        print("  (none)")
+    if total is not None and total > len(rows):
+        print(f"  ... and {total - len(rows):,} more")
 
 
-def check_run_succeeded(db: Path, log: Path) -> None:
+def count(db: Path, what: str) -> int:
     with sqlite3.connect(db) as conn:
-        states = [state for (state,) in conn.execute("SELECT state FROM dag_run")]
-    if states != ["success"]:
-        sys.exit(f"the DAG run ended {states}, not success; see {log}")
+        return int(conn.execute(f"SELECT count(*) FROM {what}").fetchone()[0])
+
+
+def show_runs(db: Path, log: Path) -> None:
+    """The DAG runs; exits unless every run the demo started succeeded."""
+    table("DAG runs:", db, "SELECT dag_id, run_id, lower(triggered_by) AS triggered_by, state FROM dag_run ORDER BY id")
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT dag_id, lower(triggered_by), state FROM dag_run ORDER BY id").fetchall()
+    if not runs or any(state != "success" for _, by, state in runs if by == "test"):
+        sys.exit(f"a DAG run did not succeed; see {log}")
+    for dag_id, by, state in runs:
+        if by != "test":
+            print(f"\n  {dag_id}'s {state} run was triggered by another DAG's task; no scheduler runs it here,")
+            print(f"  so the demo ran {dag_id} with dag.test() and that run's conf.")
+
+
+def show_xcoms(db: Path) -> None:
+    # Only rows under the reserved key are handles; return_value rows are ordinary XComs
+    # (a bare consumer's result, a plain task's, a trigger's run id), stored as JSON text.
+    table(
+        "Airflow's xcom table: an exclusive output leaves only a signed handle here; the rest are ordinary XComs:",
+        db,
+        f"SELECT dag_id, task_id, map_index, key, length(value) AS bytes, "
+        f"CASE WHEN key = '{HANDLE_KEY}' THEN 'handle (names an output in the ledger, carries no data)' "
+        f"ELSE 'ordinary XCom: ' || substr(value, 1, 60) END AS holds "
+        f"FROM xcom ORDER BY dag_id, task_id, map_index, key",
+        count(db, "xcom"),
+    )
+
+
+def show_ledger(db: Path) -> None:
+    total = count(db, "exclusive_xcom_item")
+    title = "The claim ledger (exclusive_xcom.db): who produced what, who consumed it, when"
+    if total > ROWS:
+        table(
+            f"{title}: {total:,} items; by DAG, producer and state:",
+            db,
+            "SELECT dag_id, task_id AS producer, state, count(*) AS items FROM exclusive_xcom_item "
+            "GROUP BY dag_id, task_id, state ORDER BY dag_id, task_id, state",
+            count(db, "(SELECT 1 FROM exclusive_xcom_item GROUP BY dag_id, task_id, state)"),
+        )
+        title = f"The first {ROWS} of them"
+    # A consumed item's payload is deleted (unless keep_consumed_payloads): no size then.
+    table(
+        f"{title}; bytes: the payload it stores, '-' once deleted:",
+        db,
+        "SELECT id, dag_id, task_id AS producer, mode, slot, seq, state, owner_task_id AS consumed_by, "
+        "owner_try AS try, CASE WHEN payload IS NULL AND payload_uri IS NULL THEN NULL ELSE payload_size END "
+        "AS bytes, consumed_at FROM exclusive_xcom_item ORDER BY id",
+        total,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dag", default="exclusive_etl", help="example DAG to run (file name without .py)")
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser.add_argument(
+        "--dag",
+        default="exclusive_etl",
+        metavar="NAME",
+        help=f"example to run: {', '.join(SCENARIOS)} (default %(default)s)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the throwaway AIRFLOW_HOME afterwards")
+    parser.add_argument("--run-scenario", help=argparse.SUPPRESS)  # inside the throwaway Airflow
     args = parser.parse_args()
-    dag_file = HERE / f"{args.dag}.py"
-    if not dag_file.is_file():
-        sys.exit(
-            f"no example DAG {args.dag!r}; choose one of: {', '.join(p.stem for p in HERE.glob('exclusive_*.py'))}"
-        )
+    if args.run_scenario:
+        run_scenario(args.run_scenario)
+    elif args.dag in CANNOT_RUN:
+        parser.error(f"{args.dag} cannot run in this demo: {CANNOT_RUN[args.dag]}")
+    elif args.dag not in SCENARIOS:
+        parser.error(f"no example {args.dag!r}; choose one of: {', '.join(SCENARIOS)}")
+    else:
+        demo(args.dag, args.keep)
 
+
+def demo(name: str, keep: bool) -> None:
     home = Path(tempfile.mkdtemp(prefix="exclusive_xcom_demo_"))
     env, log = airflow_env(home), home / "demo.log"
     print(f"throwaway AIRFLOW_HOME: {home} (log: {log})")
+    steps = SCENARIOS[name]
     try:
         run([sys.executable, "-m", "airflow", "db", "migrate"], env, log, "airflow db migrate")
-        run([sys.executable, str(dag_file)], env, log, f"dag.test() of {args.dag}")
-        show(
+        scenario = json.dumps([asdict(s) for s in steps])
+        what = ", then ".join(dict.fromkeys(s.dag_id for s in steps))
+        run([sys.executable, __file__, "--run-scenario", scenario], env, log, f"dag.test() of {what}")
+        show_runs(home / "airflow.db", log)
+        table(
             "Task instances:",
             home / "airflow.db",
-            "SELECT task_id, map_index, state FROM task_instance ORDER BY start_date",
+            "SELECT dag_id, task_id, map_index, state FROM task_instance ORDER BY start_date IS NULL, start_date",
+            count(home / "airflow.db", "task_instance"),
         )
-        check_run_succeeded(home / "airflow.db", log)
-        show(
-            "Airflow's xcom table (only handles under the reserved key; never the data):",
-            home / "airflow.db",
-            "SELECT task_id, key, length(value) AS bytes FROM xcom ORDER BY task_id",
-        )
-        show(
-            "The claim ledger (exclusive_xcom.db): who produced what, who consumed it, when:",
-            home / "exclusive_xcom.db",
-            "SELECT id, task_id AS producer, mode, slot, seq, state, owner_task_id AS consumed_by, "
-            "owner_try AS try, payload_size AS bytes, consumed_at FROM exclusive_xcom_item ORDER BY id",
-        )
+        show_xcoms(home / "airflow.db")
+        show_ledger(home / "exclusive_xcom.db")
     finally:
-        if args.keep:
+        if keep:
             print(f"\nkept {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)

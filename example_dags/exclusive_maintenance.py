@@ -4,6 +4,9 @@ Deletes items consumed longer ago than ``[exclusive_xcom] retention`` (default 7
 if ``expire_after`` is set, unconsumed items older than that which nobody holds, with
 their offloaded blobs and any orphaned blob; in batches of 1,000 rows per transaction, so
 tasks claiming meanwhile are never held up. Trigger it by hand with params to override.
+Then it reports the ledger's counts and the producers whose items have waited unconsumed
+longer than ``unread_after`` (default 1d), and sends them as the
+``exclusive_xcom.unread_items`` gauges: a consumer someone forgot.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ def exclusive_xcom_maintenance():
 
     @task
     def stats() -> dict[str, Any]:
-        from exclusive_xcom.runtime import env
+        """Counts, and the producers whose items wait unread past unread_after (also as gauges)."""
+        from exclusive_xcom.maintenance import run_stats
 
-        return env().ledger.stats()
+        return run_stats()
 
     purge() >> stats()
 

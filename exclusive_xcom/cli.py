@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
-from exclusive_xcom.ledger.schema import STATES
+from exclusive_xcom.ledger.schema import CONSUMED, STATES
 
 if TYPE_CHECKING:
     from exclusive_xcom.runtime import Env
 
 LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
+UNREAD_COLUMNS = ("dag_id", "task_id", "unread", "waiting", "oldest")
+#: What ``--help`` says the command is (the module docstring is reStructuredText).
+DESCRIPTION = "Look into and maintain the claim ledger of exclusive_xcom."
 
 
 class UsageError(Exception):
@@ -54,39 +57,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="exclusive-xcom", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="exclusive-xcom", description=DESCRIPTION)
     parser.add_argument("--url", help="ledger SQLAlchemy URL (default: the [exclusive_xcom] configuration)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    db = sub.add_parser("db", help="schema maintenance").add_subparsers(
+    db = _command(sub, "db", "schema maintenance").add_subparsers(
         dest="db_command", required=True, parser_class=_Parser
     )
-    db.add_parser("migrate", help="create or upgrade the ledger schema").set_defaults(func=_db_migrate)
-    grant = db.add_parser(
-        "grant", help="PostgreSQL: switch on row-level security and let a login role use one team's items only"
+    _command(db, "migrate", "create or upgrade the ledger schema").set_defaults(func=_db_migrate)
+    grant = _command(
+        db, "grant", "PostgreSQL: switch on row-level security and let a login role use one team's items only"
     )
     grant.add_argument("--team", required=True, help="a team of [exclusive_xcom] teams")
     grant.add_argument("--role", required=True, help="an existing login role of that team's workers")
     grant.set_defaults(func=_db_grant)
 
-    ls = sub.add_parser("ls", help="list items (newest first), without payloads")
+    ls = _command(sub, "ls", "list items (newest first), without payloads")
     for name in ("dag-id", "run-id", "task-id"):
         ls.add_argument(f"--{name}")
     ls.add_argument("--state", choices=STATES)
+    ls.add_argument(
+        "--unread",
+        metavar="AGE",
+        nargs="?",
+        const=True,
+        type=_duration,
+        help="only items unconsumed for longer than AGE, e.g. 1d (default: unread_after)",
+    )
     ls.add_argument("--limit", type=_positive_int, default=50)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_ls)
 
-    show = sub.add_parser("show", help="one item, every field but the payload")
+    show = _command(sub, "show", "one item, every field but the payload")
     show.add_argument("item_id", type=_positive_int)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_show)
 
-    release = sub.add_parser("release", help="free stuck claims whoever holds them")
+    release = _command(sub, "release", "free stuck claims whoever holds them")
     release.add_argument("item_ids", type=_positive_int, nargs="+")
     release.set_defaults(func=_release)
 
-    purge = sub.add_parser("purge", help="delete old consumed (and expired) items, their blobs and orphaned blobs")
+    purge = _command(sub, "purge", "delete old consumed (and expired) items, their blobs and orphaned blobs")
     purge.add_argument(
         "--older-than", type=_duration, help="consumed more than this long ago, e.g. 7d, 12h (default: retention)"
     )
@@ -95,18 +106,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     purge.add_argument("--batch", type=_positive_int, default=1000, help="rows per transaction (default 1000)")
     purge.add_argument("--dry-run", action="store_true")
+    purge.add_argument("--json", action="store_true")
     purge.set_defaults(func=_purge)
 
-    rotate = sub.add_parser("rotate-key", help="re-encrypt stored payloads under the first key of secret_key")
+    rotate = _command(sub, "rotate-key", "re-encrypt stored payloads under the first key of secret_key")
     rotate.set_defaults(func=_rotate_key)
 
-    stats = sub.add_parser("stats", help="counts by state, bytes stored, oldest unconsumed item")
+    stats = _command(
+        sub, "stats", "counts by state, bytes stored, oldest unconsumed item, producers whose items nobody reads"
+    )
+    stats.add_argument(
+        "--unread-after",
+        metavar="AGE",
+        type=_duration,
+        help="unconsumed for longer than this counts as unread (default: unread_after)",
+    )
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=_stats)
 
-    audit = sub.add_parser(
-        "audit",
-        help="claims and consumes checked against what Airflow ran (exit status 1 if any does not match)",
+    audit = _command(
+        sub, "audit", "claims and consumes checked against what Airflow ran (exit status 1 if any does not match)"
     )
     audit.add_argument("--dag-id", help="items produced or claimed in this DAG")
     audit.add_argument("--run-id", help="items produced or claimed in this run")
@@ -115,6 +134,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(func=_audit)
+    return parser
+
+
+def _command(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` says what it does, as the command list does."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=summary[0].upper() + summary[1:] + "."
+    )
     return parser
 
 
@@ -137,11 +164,22 @@ def _db_grant(args: argparse.Namespace) -> None:
 
 
 def _ls(args: argparse.Namespace) -> None:
-    rows = _ledger(args).items(
-        dag_id=args.dag_id, run_id=args.run_id, task_id=args.task_id, state=args.state, limit=args.limit + 1
+    env, columns, unread_after = _env(args), list(LS_COLUMNS), None
+    if args.unread is not None:
+        if args.state == CONSUMED:
+            raise UsageError("--unread lists unconsumed items; --state consumed matches none of them")
+        unread_after = env.settings.unread_after if args.unread is True else args.unread
+        columns.append("created_at")
+    rows = env.ledger.items(
+        dag_id=args.dag_id,
+        run_id=args.run_id,
+        task_id=args.task_id,
+        state=args.state,
+        unread_after=unread_after,
+        limit=args.limit + 1,
     )
-    more, rows = len(rows) > args.limit, rows[: args.limit]
-    _emit(rows, args.json, lambda: _table(rows, LS_COLUMNS))
+    more, rows = len(rows) > args.limit, [_readable(r) for r in rows[: args.limit]]
+    _emit(rows, args.json, lambda: _table(rows, columns))
     if more:  # on stderr, so that --json output stays one JSON document
         print(f"exclusive-xcom: showing the first {args.limit}; more match (raise --limit)", file=sys.stderr)
 
@@ -150,7 +188,7 @@ def _show(args: argparse.Namespace) -> None:
     rows = _ledger(args).items(item_id=args.item_id)
     if not rows:
         raise UsageError(f"no item with id {args.item_id}")
-    row = rows[0]
+    row = _readable(rows[0])
     width = max(map(len, row))
     _emit(row, args.json, lambda: "\n".join(f"{k:<{width}}  {_text(v)}" for k, v in row.items()))
 
@@ -178,7 +216,12 @@ def _purge(args: argparse.Namespace) -> None:
         env.ledger, env.codec, older_than, expired_after=expired_after, batch=args.batch, dry_run=args.dry_run
     )
     expired = f", or unconsumed and older than {format_duration(expired_after)}" if expired_after is not None else ""
-    print(f"{report} (consumed more than {format_duration(older_than)} ago{expired})")
+    data = {
+        **dataclasses.asdict(report),
+        "older_than": format_duration(older_than),
+        "expired_after": None if expired_after is None else format_duration(expired_after),
+    }
+    _emit(data, args.json, lambda: f"{report} (consumed more than {format_duration(older_than)} ago{expired})")
 
 
 def _rotate_key(args: argparse.Namespace) -> None:
@@ -191,12 +234,20 @@ def _rotate_key(args: argparse.Namespace) -> None:
 
 
 def _stats(args: argparse.Namespace) -> None:
-    stats = _ledger(args).stats()
-    _emit(
-        stats,
-        args.json,
-        lambda: _table([{**stats["counts"], **{k: v for k, v in stats.items() if k != "counts"}}]),
-    )
+    from exclusive_xcom.maintenance import stats as ledger_stats
+
+    env = _env(args)
+    stats = ledger_stats(env.ledger, env.settings.unread_after if args.unread_after is None else args.unread_after)
+    _emit(stats, args.json, lambda: _stats_text(stats))
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    totals = {k: v for k, v in stats.items() if k not in ("counts", "unread", "unread_after")}
+    text = _table([{**stats["counts"], **totals}])
+    if not stats["unread"]:
+        return f"{text}\n\nno item has waited unconsumed for more than {stats['unread_after']}"
+    unread = _table(stats["unread"], UNREAD_COLUMNS)
+    return f"{text}\n\nunconsumed for more than {stats['unread_after']}, by producer:\n{unread}"
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -247,6 +298,11 @@ def _emit(data: Any, as_json: bool, human: Any) -> None:
     print(json.dumps(data, default=_text, indent=None if isinstance(data, list) else 2) if as_json else human())
 
 
+def _readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as people and JSON read it: ``consumers`` is stored as JSON text."""
+    return {**row, "consumers": json.loads(row["consumers"])} if "consumers" in row else row
+
+
 def _table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(no items)"
@@ -261,6 +317,8 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> 
 def _text(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(_text, value))
     return value.isoformat(sep=" ") if isinstance(value, datetime) else str(value)
 
 

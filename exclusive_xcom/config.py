@@ -66,6 +66,12 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
         "producer and its consumers belong to one team. With PostgreSQL row-level security "
         "(exclusive-xcom db grant) each team's workers then see their team's rows only.",
     ),
+    "unread_after": (
+        "string",
+        "1d",
+        "Unconsumed items older than this are reported as unread, per producer (exclusive-xcom stats "
+        "and ls --unread, the exclusive_xcom.unread_items gauges): a consumer someone forgot.",
+    ),
     "base_xcom_backend": (
         "string",
         "",
@@ -151,6 +157,7 @@ class Settings:
     fernet_key: str = ""
     retention: timedelta = timedelta(days=7)
     expire_after: timedelta | None = None
+    unread_after: timedelta = timedelta(days=1)
     keep_consumed_payloads: bool = False
     allow_plaintext: bool = False
     teams: Teams = Teams()
@@ -210,6 +217,7 @@ def load_settings() -> Settings:
         fernet_key=str(conf.get("core", "fernet_key", fallback="") or "").strip(),
         retention=parse_duration(_option("retention") or OPTIONS["retention"][1], f"[{SECTION}] retention"),
         expire_after=parse_duration(expire_after, f"[{SECTION}] expire_after") if expire_after else None,
+        unread_after=parse_duration(_option("unread_after") or OPTIONS["unread_after"][1], f"[{SECTION}] unread_after"),
         keep_consumed_payloads=_flag("keep_consumed_payloads"),
         allow_plaintext=_flag("allow_plaintext"),
         teams=parse_teams(_option("teams")),

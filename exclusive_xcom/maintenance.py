@@ -1,4 +1,5 @@
-"""Keeping a ledger healthy for months: retention purge, orphan sweep, key rotation.
+"""Keeping a ledger healthy for months: retention purge, orphan sweep, key rotation, and
+the outputs nobody reads.
 
 Shared by the ``exclusive-xcom`` CLI and the ready-made maintenance DAG
 (``example_dags/exclusive_maintenance.py``), so both apply the same rules. Rows go in
@@ -9,10 +10,12 @@ referenced it are gone, so a crash in between leaves an orphan blob, never a dan
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from exclusive_xcom.ledger import Ledger, Offloaded
+from exclusive_xcom import metrics
+from exclusive_xcom.ledger import Ledger, Offloaded, Waiting
 from exclusive_xcom.payload import Codec
 
 log = logging.getLogger("exclusive_xcom")
@@ -74,6 +77,37 @@ def run_retention(older_than: str = "", expired_after: str = "", dry_run: bool =
     return purge(current.ledger, current.codec, older, expired_after=expired, dry_run=dry_run)
 
 
+def unread(ledger: Ledger, unread_after: timedelta) -> list[Waiting]:
+    """Producers with items unconsumed for longer than ``unread_after``, longest waiting
+    first; also sent as the ``exclusive_xcom.unread_items`` gauges.
+
+    A consumer that was renamed, removed or never deployed fails nothing: its producer's
+    items just wait, and the ledger grows, until someone looks. This is the look.
+    """
+    waiting = ledger.waiting(unread_after)
+    metrics.unread((w.dag_id, w.task_id, w.unread) for w in waiting)
+    return [w for w in waiting if w.unread]
+
+
+def stats(ledger: Ledger, unread_after: timedelta) -> dict[str, Any]:
+    """:meth:`Ledger.stats` and :func:`unread`, as plain data (CLI ``stats``, the maintenance DAG)."""
+    from exclusive_xcom.config import format_duration
+
+    return {
+        **ledger.stats(),
+        "unread_after": format_duration(unread_after),
+        "unread": [asdict(w) for w in unread(ledger, unread_after)],
+    }
+
+
+def run_stats() -> dict[str, Any]:
+    """:func:`stats` with this process's configuration; what the maintenance DAG reports after its purge."""
+    from exclusive_xcom.runtime import env
+
+    current = env()
+    return stats(current.ledger, current.settings.unread_after)
+
+
 def _has_store(codec: Codec) -> bool:
     try:
         return bool(codec.store.base.exists())
@@ -108,7 +142,10 @@ class RotationReport:
     skipped: int = 0  # changed meanwhile, or a blob being read right now: run again later
 
     def __str__(self) -> str:
-        return f"re-encrypted {self.rewritten} payload(s) under the newest key; {self.skipped} busy, run again"
+        done = f"re-encrypted {self.rewritten} payload(s) under the newest key"
+        if not self.skipped:
+            return done
+        return f"{done}; {self.skipped} busy (being read or changed meanwhile): run again later"
 
 
 def rotate_keys(ledger: Ledger, codec: Codec, *, batch: int = 500) -> RotationReport:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import ParamSpec
 
@@ -27,6 +27,8 @@ CONSUMED = f"{PREFIX}.consumed"
 RELEASED = f"{PREFIX}.released"
 PRODUCED = f"{PREFIX}.produced"
 OFFLOADED_BYTES = f"{PREFIX}.offloaded_bytes"
+UNREAD_ITEMS = f"{PREFIX}.unread_items"
+UNREAD_TOTAL = f"{PREFIX}.unread_items_total"
 
 _lock = threading.Lock()
 _init_tried = False
@@ -103,3 +105,26 @@ def produced(count: int, *, dag_id: str, task_id: str, offloaded_bytes: int = 0)
     tags = {"dag_id": dag_id, "task_id": task_id}
     _incr(stats, PRODUCED, count, tags)
     _incr(stats, OFFLOADED_BYTES, offloaded_bytes, tags)
+
+
+@_best_effort
+def unread(producers: Iterable[tuple[str, str, int]]) -> None:
+    """Gauges of items unconsumed for too long: ``(dag_id, task_id, count)`` per producer.
+
+    Per producer twice, as Airflow reports its own per-DAG metrics: ``unread_items`` tagged
+    ``dag_id`` and ``task_id`` for backends with tags, and ``unread_items.<dag_id>.<task_id>``
+    (a dot inside an id written ``__``) for plain StatsD, which drops tags. The total is
+    always sent, 0 included, so an alert on it clears once the items are read or purged;
+    a producer's own gauges are sent while it has unconsumed items at all.
+    """
+    stats, total = _stats(), 0
+    for dag_id, task_id, count in producers:
+        stats.gauge(UNREAD_ITEMS, count, tags={"dag_id": dag_id, "task_id": task_id})
+        stats.gauge(f"{UNREAD_ITEMS}.{_segment(dag_id)}.{_segment(task_id)}", count)
+        total += count
+    stats.gauge(UNREAD_TOTAL, total)
+
+
+def _segment(name: str) -> str:
+    """One segment of a dotted StatsD name (a task in a group is ``group.task``)."""
+    return name.replace(".", "__")

@@ -14,6 +14,7 @@ from exclusive_xcom.ledger.ledger import (
     Offloaded,
     Output,
     Production,
+    Waiting,
     consumer_slot,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "Offloaded",
     "Output",
     "Production",
+    "Waiting",
     "consumer_slot",
     "create_engine",
     "get_engine",

@@ -241,6 +241,21 @@ def inputs_key(inputs: Iterable[tuple[Output, int]]) -> str:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """A producer's unconsumed items: how many wait, how many of them for too long, since when.
+
+    Items nobody reads pile up unseen (a consumer renamed, removed or never deployed);
+    ``unread`` counts those older than the age the caller asked about.
+    """
+
+    dag_id: str
+    task_id: str
+    waiting: int
+    unread: int
+    oldest: datetime  # creation time of the oldest unconsumed item
+
+
+@dataclass(frozen=True)
 class Production:
     """An output to write: one payload (modes each/one) or one per element (mode items).
 
@@ -665,8 +680,11 @@ class Ledger:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def items(self, **filters: Any) -> list[dict[str, Any]]:
-        """Rows without payloads, newest first, for people and scripts."""
+    def items(self, *, unread_after: timedelta | None = None, **filters: Any) -> list[dict[str, Any]]:
+        """Rows without payloads, newest first, for people and scripts; with ``unread_after``,
+        only unconsumed items created longer ago than that."""
+        if unread_after is not None:
+            filters["unread_before"] = self._now() - unread_after
         return self._run(lambda conn: [dict(r._mapping) for r in conn.execute(q.select_items(**filters))])
 
     def claim_records(self, after_id: int, limit: int, **filters: Any) -> list[Any]:
@@ -693,6 +711,14 @@ class Ledger:
             }
 
         return self._run(tx)
+
+    def waiting(self, unread_after: timedelta) -> list[Waiting]:
+        """Every producer with unconsumed items, those waiting longest first; ``unread``
+        counts the items created more than ``unread_after`` ago."""
+        cutoff = self._now() - unread_after
+        rows = self._run(lambda conn: conn.execute(q.waiting_by_producer(cutoff)).all())
+        found = [Waiting(r.dag_id, r.task_id, int(r.waiting), int(r.unread or 0), r.oldest) for r in rows]
+        return sorted(found, key=lambda w: (w.oldest, w.dag_id, w.task_id))
 
     def purge(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -59,6 +59,8 @@ def _constant(value: str) -> sa.ColumnElement[str]:
 
 
 _READY, _CLAIMED, _CONSUMED, _SHARED = (_constant(v) for v in (READY, CLAIMED, CONSUMED, SHARED_SLOT))
+
+_V = TypeVar("_V")
 
 #: A statement and the values of its bind parameters, ready for ``conn.execute(*bound)``.
 Bound = tuple[sa.Executable, dict[str, Any]]
@@ -513,12 +515,18 @@ def select_items(
     run_id: str | None = None,
     task_id: str | None = None,
     state: str | None = None,
+    unread_before: datetime | None = None,
     limit: int | None = None,
 ) -> Rows:
-    """Rows for people and scripts (CLI ``ls``, the demo), newest first, without payloads."""
+    """Rows for people and scripts (CLI ``ls``), newest first, without payloads; with
+    ``unread_before``, only the unconsumed ones created before it, found as
+    :func:`waiting_by_producer` finds them."""
     cols = [c for c in item.c if c.name != "payload"]
-    stmt = sa.select(*cols).order_by(item.c.id.desc())
-    for column, value in (
+    column = _opaque if unread_before is not None else _as_is
+    stmt = sa.select(*cols).order_by(column(item.c.id).desc())
+    if unread_before is not None:
+        stmt = stmt.where(_UNCONSUMED, item.c.created_at < unread_before)
+    for col, value in (
         (item.c.id, item_id),
         (item.c.dag_id, dag_id),
         (item.c.run_id, run_id),
@@ -526,7 +534,7 @@ def select_items(
         (item.c.state, state),
     ):
         if value is not None:
-            stmt = stmt.where(column == value)
+            stmt = stmt.where(column(col) == value)
     return stmt.limit(limit) if limit else stmt
 
 
@@ -571,6 +579,45 @@ def claim_records(
     if since is not None:
         stmt = stmt.where(sa.or_(item.c.claimed_at >= since, item.c.consumed_at >= since))
     return stmt.order_by(item.c.id).limit(limit)
+
+
+def _opaque(column: sa.ColumnElement[_V]) -> sa.ColumnElement[_V]:
+    """``column`` as an expression no index matches (``coalesce(c, c)``).
+
+    Statements over unconsumed rows only must read them from the claimable partial index.
+    SQLite plans without statistics and would rather walk an index that serves a GROUP BY,
+    an ORDER BY or an equality (the run index, the rowid order) through every consumed row
+    of the history: 90 ms at 200,000 rows instead of 0.3 ms. Through this it has no such
+    index to choose; PostgreSQL and MySQL/MariaDB plan the same either way.
+    """
+    return sa.func.coalesce(column, column)
+
+
+def _as_is(column: sa.ColumnElement[_V]) -> sa.ColumnElement[_V]:
+    return column
+
+
+def waiting_by_producer(unread_before: datetime) -> sa.Select[str, str, int, int | Decimal | None, datetime]:
+    """Per producer (dag_id, task_id) with unconsumed items: how many wait, how many of them
+    were created before ``unread_before`` (unread too long), and when the oldest was created.
+
+    It reads unconsumed rows only, never the consumed history: ``state != 'consumed'`` is
+    the claimable partial index's own predicate (PostgreSQL, SQLite), and on MySQL/MariaDB
+    a range of the state index.
+    """
+    dag_id, task_id = _opaque(item.c.dag_id).label("dag_id"), _opaque(item.c.task_id).label("task_id")
+    late = sa.case((item.c.created_at < unread_before, 1), else_=0)
+    return (
+        sa.select(
+            dag_id,
+            task_id,
+            sa.func.count().label("waiting"),
+            sa.func.sum(late).label("unread"),
+            sa.func.min(item.c.created_at).label("oldest"),
+        )
+        .where(_UNCONSUMED)
+        .group_by(dag_id, task_id)
+    )
 
 
 def count_by_state() -> sa.Select[str, int]:

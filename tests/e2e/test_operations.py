@@ -2,13 +2,16 @@
 
 A payload above the threshold goes to object storage (the harness points ``offload_path``
 at the test's Airflow home), encrypted under ``secret_key``; the ready-made maintenance
-DAG then purges the consumed rows and their blobs.
+DAG then purges the consumed rows and their blobs, and reports the items nobody reads.
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from exclusive_xcom.ledger import EACH, Ledger, Output, Production, create_engine
 from exclusive_xcom.payload import MAGIC
 from tests.integration.test_metrics import Listener
 
@@ -40,6 +43,11 @@ def test_big_payload_is_offloaded_encrypted_read_once_and_purged_by_the_maintena
     assert len(stored) == row["payload_size"] > 3_000_000
     assert stored.startswith(MAGIC) and MARKER not in stored, "the blob is encrypted at rest"
 
+    forgotten = Output("elsewhere", "manual__1", "export")  # two days unread: its consumer was never deployed
+    ledger = Ledger(create_engine(ledger_url), clock=lambda: time.time() - 2 * 86400)
+    ledger.produce(Production(forgotten, 1, EACH, ("elsewhere/ingest",), [b"never read"]))
+    ledger.engine.dispose()
+
     purged = airflow.test(
         [EXAMPLE_DAGS / "exclusive_maintenance.py"],
         [{"dag_id": "exclusive_xcom_maintenance", "conf": {"older_than": "0s"}}],
@@ -50,7 +58,11 @@ def test_big_payload_is_offloaded_encrypted_read_once_and_purged_by_the_maintena
     assert maintenance.state == SUCCESS, purged.tail()
     (report,) = [x["value"] for x in maintenance.xcoms("purge", "return_value")]
     assert report == {"rows": 1, "blobs": 1, "orphans": 0, "dry_run": False}, report
-    assert ledger_rows(ledger_url) == []
+    assert [r["task_id"] for r in ledger_rows(ledger_url)] == ["export"], "retention keeps unconsumed items"
+    (stats,) = [x["value"] for x in maintenance.xcoms("stats", "return_value")]
+    (unread,) = stats["unread"]
+    assert stats["unread_after"] == "1d" and stats["counts"] == {"ready": 1, "claimed": 0, "consumed": 0}, stats
+    assert (unread["dag_id"], unread["task_id"], unread["unread"]) == ("elsewhere", "export", 1), stats
     assert not blob.exists(), "the purge deleted the consumed item's blob"
 
 

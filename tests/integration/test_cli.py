@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -95,6 +96,9 @@ def test_purge_deletes_only_consumed_items(seeded: str, capsys: pytest.CaptureFi
         (["purge", "--older-than", "7x"], 2, "expected a duration such as 7d"),
         (["release", "abc"], 2, "expected a positive integer, got 'abc'"),
         (["show", "999999"], 2, "no item with id 999999"),
+        (["ls", "--unread", "1x"], 2, "argument --unread: expected a duration such as 7d"),
+        (["ls", "--unread", "--state", "consumed"], 2, "--unread lists unconsumed items; --state consumed matches"),
+        (["stats", "--unread-after", "soon"], 2, "argument --unread-after: expected a duration such as 7d"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     ],
 )
@@ -138,3 +142,110 @@ def test_a_password_in_the_ledger_url_is_never_printed(capsys: pytest.CaptureFix
     assert code == 1 and says in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert PASSWORD not in err + out and ":***@" in err, err
+
+
+# -- outputs nobody reads -------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def forgotten(ledger_url: str) -> str:
+    """Two days ago ``forgotten`` wrote for ``load`` and ``audit``; ``load`` read its copy,
+    nobody ever read ``audit``'s. A moment ago ``fresh`` wrote two items nobody read yet."""
+    engine = create_engine(ledger_url)
+    then = Ledger(engine, clock=lambda: time.time() - 2 * DAY)
+    then.migrate()
+    out = Output(DAG, RUN, "grp.forgotten")
+    then.produce(Production(out, 1, "each", (consumer_slot(DAG, "load"), consumer_slot(DAG, "audit")), [b"x"]))
+    load = Claimant(DAG, RUN, "load")
+    then.finish(load, then.claim(load, [ClaimRequest(out, 1, "each", (consumer_slot(DAG, "load"),))]).ids)
+    Ledger(engine).produce(Production(Output(DAG, RUN, "fresh"), 1, "items", (READER,), [b"a", b"b"]))
+    engine.dispose()
+    return ledger_url
+
+
+def test_stats_names_the_producers_whose_items_nobody_reads(
+    forgotten: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIRFLOW__EXCLUSIVE_XCOM__UNREAD_AFTER", raising=False)
+    code, out, err = cli(capsys, "--url", forgotten, "stats", "--json")
+    stats = json.loads(out)
+    assert (code, err, stats["unread_after"]) == (0, "", "1d")
+    (late,) = stats["unread"]
+    assert {k: late[k] for k in ("dag_id", "task_id", "unread", "waiting")} == {
+        "dag_id": DAG,
+        "task_id": "grp.forgotten",
+        "unread": 1,  # audit's copy; load's was read
+        "waiting": 1,
+    }
+    assert late["oldest"] == stats["oldest_unconsumed"]
+
+    _, out, _ = cli(capsys, "--url", forgotten, "stats")
+    text = out.split("\n\n")
+    assert text[1].splitlines()[0] == "unconsumed for more than 1d, by producer:", out
+    assert text[1].splitlines()[2].split()[:4] == [DAG, "grp.forgotten", "1", "1"], out
+
+    _, out, _ = cli(capsys, "--url", forgotten, "stats", "--unread-after", "0s", "--json")
+    assert {(u["task_id"], u["unread"]) for u in json.loads(out)["unread"]} == {("grp.forgotten", 1), ("fresh", 2)}
+
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__UNREAD_AFTER", "3d")  # the option, when no flag overrides it
+    _, out, _ = cli(capsys, "--url", forgotten, "stats")
+    assert out.rstrip().endswith("\n\nno item has waited unconsumed for more than 3d"), out
+
+
+def test_ls_unread_lists_the_items_nobody_reads(
+    forgotten: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIRFLOW__EXCLUSIVE_XCOM__UNREAD_AFTER", raising=False)
+    code, out, _ = cli(capsys, "--url", forgotten, "ls", "--unread", "--json")
+    (row,) = json.loads(out)
+    assert code == 0 and (row["task_id"], row["slot"], row["state"]) == ("grp.forgotten", f"{DAG}/audit", "ready")
+
+    _, out, _ = cli(capsys, "--url", forgotten, "ls", "--unread", "0s", "--task-id", "fresh")
+    header, *lines = out.splitlines()
+    assert header.split()[-1] == "created_at" and len(lines) == 2 and all("fresh" in line for line in lines), out
+    assert json.loads(cli(capsys, "--url", forgotten, "ls", "--unread", "1d", "--state", "claimed", "--json")[1]) == []
+
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__UNREAD_AFTER", "3d")
+    assert cli(capsys, "--url", forgotten, "ls", "--unread")[1].strip() == "(no items)"
+
+
+def test_every_json_output_parses_and_keeps_lists_as_lists(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = cli(capsys, "--url", seeded, "ls", "--json")
+    rows = json.loads(out)
+    assert all(r["consumers"] == [READER] for r in rows), rows
+    assert all(isinstance(r["payload_size"], int) for r in rows), rows
+
+    _, out, _ = cli(capsys, "--url", seeded, "show", str(rows[0]["id"]), "--json")
+    assert json.loads(out)["consumers"] == [READER]
+    _, out, _ = cli(capsys, "--url", seeded, "show", str(rows[0]["id"]))
+    assert f"consumers         {READER}\n" in out, "people get the list, not its JSON text"
+
+    _, out, _ = cli(capsys, "--url", seeded, "stats", "--unread-after", "0s", "--json")
+    stats = json.loads(out)
+    assert isinstance(stats["counts"], dict) and isinstance(stats["bytes"], int), stats
+    assert [(u["task_id"], u["unread"], u["waiting"]) for u in stats["unread"]] == [("producer", 2, 2)], stats
+
+    _, out, _ = cli(capsys, "--url", seeded, "purge", "--older-than", "0s", "--dry-run", "--json")
+    assert json.loads(out) == {
+        "rows": 1,
+        "blobs": 0,
+        "orphans": 0,
+        "dry_run": True,
+        "older_than": "0s",
+        "expired_after": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["db"], ["db", "migrate"], ["ls"], ["show"], ["release"], ["purge"], ["rotate-key"], ["stats"]],
+    ids=lambda command: "-".join(command) or "exclusive-xcom",
+)
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    code, out, _ = cli(capsys, *command, "--help")
+    assert code == 0 and out.startswith("usage: exclusive-xcom")
+    description = out.split("\n\n")[1]
+    assert description[0].isupper() and description.rstrip().endswith("."), out
+    assert not [mark for mark in ("``", ":func:", ":class:", ":meth:", "**") if mark in out], out

@@ -1,14 +1,16 @@
 """Metrics reach a real StatsD listener through Airflow's stats facade, and never break a task.
 
-The UDP tests run the library in a fresh Python process configured only through
-``AIRFLOW__METRICS__*`` variables, as a worker or ``dag.test()`` would be, and read the
-datagrams on a socket bound to 127.0.0.1. The in-process tests swap the facade's backend
+The UDP tests run the library (or the ``exclusive-xcom stats`` command, against a ledger on
+each database) in a fresh Python process configured only through ``AIRFLOW__METRICS__*``
+variables, as a worker or ``dag.test()`` would be, and read the datagrams on a socket
+bound to 127.0.0.1. The in-process tests swap the facade's backend
 for a recorder (restored by monkeypatch) to check tags, the lazy initialization and that
 failures are swallowed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -25,6 +27,7 @@ from airflow.sdk._shared.observability.metrics import stats as stats_impl
 from airflow.sdk.observability.metrics import stats_utils
 
 from exclusive_xcom import metrics
+from exclusive_xcom.ledger import ITEMS, Ledger, Output, Production, create_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,8 +85,8 @@ def listener() -> Iterator[Listener]:
         server.sock.close()
 
 
-def run_python(code: str, tmp_path: Path, **metrics_env: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a new interpreter whose only metrics settings are ``metrics_env``."""
+def run_python(code: str, tmp_path: Path, *args: str, **metrics_env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` with ``args`` in a new interpreter whose only metrics settings are ``metrics_env``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__METRICS__")}
     env.update(
         AIRFLOW_HOME=str(tmp_path),
@@ -93,7 +96,7 @@ def run_python(code: str, tmp_path: Path, **metrics_env: str) -> subprocess.Comp
         **{f"AIRFLOW__METRICS__{k.upper()}": v for k, v in metrics_env.items()},
     )
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -169,6 +172,64 @@ def test_unresolvable_statsd_host_does_not_raise(listener: Listener, tmp_path: P
     assert listener.lines() == []
 
 
+UNREAD_CALLS = """
+import sys
+from exclusive_xcom.cli import main
+sys.exit(main(["--url", sys.argv[1], "stats", "--unread-after", "1h"]))
+"""
+
+
+def _ago(seconds: float) -> float:
+    return time.time() - seconds
+
+
+def _seed_unread(ledger_url: str) -> None:
+    """``etl``'s ``grp.extract`` wrote 2 items two hours ago, ``report`` 1 item an hour and a
+    half ago, ``fresh`` 1 item now; none was read."""
+    engine = create_engine(ledger_url)
+    for task_id, age in (("grp.extract", 7200), ("report", 5400), ("fresh", 0)):
+        ledger = Ledger(engine, clock=functools.partial(_ago, age))
+        ledger.migrate()
+        items = [b"a", b"b"] if task_id == "grp.extract" else [b"a"]
+        ledger.produce(Production(Output("etl", "r", task_id), 1, ITEMS, ("etl/load",), items))
+    engine.dispose()
+
+
+def test_stats_sends_the_unread_gauges_per_producer_and_in_total(
+    listener: Listener, tmp_path: Path, ledger_url: str
+) -> None:
+    """Per producer by name (plain StatsD drops tags) and by tags; the total always; a producer
+    with items waiting, none of them too long, gets 0."""
+    _seed_unread(ledger_url)
+    run_python(UNREAD_CALLS, tmp_path, ledger_url, **statsd_env(listener.port))
+    assert ours(listener.lines()) == [
+        "airflow.exclusive_xcom.unread_items:2|g",
+        "airflow.exclusive_xcom.unread_items.etl.grp__extract:2|g",
+        "airflow.exclusive_xcom.unread_items:1|g",
+        "airflow.exclusive_xcom.unread_items.etl.report:1|g",
+        "airflow.exclusive_xcom.unread_items:0|g",
+        "airflow.exclusive_xcom.unread_items.etl.fresh:0|g",
+        "airflow.exclusive_xcom.unread_items_total:3|g",
+    ]
+
+
+def test_unread_gauges_carry_their_tags_when_influxdb_tags_are_on(listener: Listener, tmp_path: Path) -> None:
+    ledger_url = f"sqlite:///{tmp_path}/ledger.db"  # the gauges are the same whatever the database
+    _seed_unread(ledger_url)
+    run_python(UNREAD_CALLS, tmp_path, ledger_url, **statsd_env(listener.port, statsd_influxdb_enabled="True"))
+    received = ours(listener.lines())
+    assert received[0] == "airflow.exclusive_xcom.unread_items,dag_id=etl,task_id=grp.extract:2|g", received
+    assert received[-1] == "airflow.exclusive_xcom.unread_items_total:3|g", received
+
+
+def test_an_empty_ledger_reports_a_total_of_zero(listener: Listener, tmp_path: Path) -> None:
+    """So an alert on the total clears once the items are read or purged."""
+    ledger_url = f"sqlite:///{tmp_path}/ledger.db"
+    Ledger(create_engine(ledger_url)).migrate()
+    run_python(UNREAD_CALLS, tmp_path, ledger_url, **statsd_env(listener.port))
+    assert ours(listener.lines()) == ["airflow.exclusive_xcom.unread_items_total:0|g"]
+
+
 class Recorder:
     """A stats backend that keeps what the facade hands it."""
 
@@ -236,6 +297,9 @@ class Exploding:
     def timing(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("backend down")
 
+    def gauge(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("backend down")
+
 
 def _raise() -> Any:
     raise RuntimeError("cannot build the client")
@@ -251,7 +315,8 @@ def test_a_failing_backend_never_raises(
         metrics.consumed(1, dag_id="d", task_id="t")
         metrics.released(1, dag_id="d", task_id="t")
         metrics.produced(1, dag_id="d", task_id="t", offloaded_bytes=1)
+        metrics.unread([("d", "t", 3)])
     failures = [r for r in caplog.records if r.name == "exclusive_xcom.metrics"]
-    assert [r.levelno for r in failures] == [logging.DEBUG] * 4
+    assert [r.levelno for r in failures] == [logging.DEBUG] * 5
     assert all("could not report" in r.getMessage() for r in failures)
     assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in failures)

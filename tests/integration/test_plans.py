@@ -2,8 +2,9 @@
 
 The ledger fills up with consumed history for months; a statement that scans the table
 gets slower with every row, which is exactly what the claimable partial index and the
-primary-key walks exist to prevent. Each statement the claim path sends is EXPLAINed on a
-ledger of 20,000 mostly consumed items (statistics refreshed), on each database.
+primary-key walks exist to prevent. Each statement the claim path sends, and those that
+look for outputs nobody reads (``stats``, ``ls --unread``), is EXPLAINed on a ledger of
+20,000 mostly consumed items (statistics refreshed), on each database.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def _statements(dialect: str) -> dict[str, Any]:
         "purge_delete": q.delete_where(list(range(1, 1001)), purgeable),
         "purge_window_consumed": q.purge_window(consumed_only, 1, 1000),
         "purge_delete_consumed": q.delete_where(list(range(1, 1001)), consumed_only),
+        "waiting_by_producer": q.waiting_by_producer(NOW - timedelta(days=1)),
+        "ls_unread": q.select_items(dag_id="d", task_id="live", unread_before=NOW - timedelta(days=1), limit=51),
         **one_statement,
     }
 
@@ -195,4 +198,8 @@ def test_every_claim_path_statement_uses_an_index(ledger_url: str) -> None:
                 f"{name}:\n{plans[name]}"
             )
             assert "ix_exclusive_xcom_item_claimable" in indexes, f"{name}:\n{plans[name]}"
+    # Outputs nobody reads are found among the unconsumed rows only, never the consumed history.
+    unconsumed = "ix_exclusive_xcom_item_state" if engine.dialect.name in ("mysql", "mariadb") else "claimable"
+    for name in ("waiting_by_producer", "ls_unread"):
+        assert unconsumed in plans[name], f"{name}:\n{plans[name]}"
     assert not scanning, "full scans of the item table:\n" + "\n\n".join(f"{n}:\n{p}" for n, p in scanning.items())

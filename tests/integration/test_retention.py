@@ -438,10 +438,18 @@ def test_cli_rotate_key(
     produce(ledger, "inline", ONE, ["load"], [old.encode("small", "f")])
     produce(ledger, "blob", ONE, ["load"], [offload(old, big("blob"))])
 
+    reader = who("load", map_index=1)
+    held = ledger.claim(reader, [ask("blob", ONE, ["load"])]).ids
+
     configured.setenv("AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY", "new,old")
     code, out, err = cli(capsys, "--url", ledger_url, "rotate-key")
     assert (code, err) == (0, "")
-    assert out.strip() == "re-encrypted 2 payload(s) under the newest key; 0 busy, run again"
+    assert out.strip() == (
+        "re-encrypted 1 payload(s) under the newest key; 1 busy (being read or changed meanwhile): run again later"
+    )
+    assert ledger.release(reader, held) == 1
+    code, out, err = cli(capsys, "--url", ledger_url, "rotate-key")
+    assert (code, err, out.strip()) == (0, "", "re-encrypted 2 payload(s) under the newest key"), "nothing was busy"
     new = codec_for("new", store)
     values = []
     for task_id in ("inline", "blob"):

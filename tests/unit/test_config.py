@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from exclusive_xcom.config import ledger_url, load_settings
@@ -17,6 +19,7 @@ def _clean(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         "SECRET_KEY",
         "RETENTION",
         "EXPIRE_AFTER",
+        "UNREAD_AFTER",
         "KEEP_CONSUMED_PAYLOADS",
     ):
         monkeypatch.delenv(f"AIRFLOW__EXCLUSIVE_XCOM__{name}", raising=False)
@@ -89,6 +92,7 @@ def test_provider_info_is_valid_for_airflow() -> None:
     [
         ("RETENTION", "a week", r"\[exclusive_xcom\] retention: expected a duration such as 7d.*got 'a week'"),
         ("EXPIRE_AFTER", "30", r"\[exclusive_xcom\] expire_after: expected a duration such as 7d.*got '30'"),
+        ("UNREAD_AFTER", "1 day", r"\[exclusive_xcom\] unread_after: expected a duration such as 7d.*got '1 day'"),
         ("KEEP_CONSUMED_PAYLOADS", "maybe", r"keep_consumed_payloads must be true or false, got 'maybe'"),
     ],
 )
@@ -103,6 +107,12 @@ def test_bad_retention_options_are_refused_by_name(
 def test_retention_options_are_read() -> None:
     settings = load_settings()
     assert settings.retention.days == 7 and settings.expire_after is None and not settings.keep_consumed_payloads
+    assert settings.unread_after == timedelta(days=1)
+
+
+def test_unread_after_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__UNREAD_AFTER", "6h")
+    assert load_settings().unread_after == timedelta(hours=6)
 
 
 def test_an_unusable_offload_path_is_refused_by_name() -> None:
