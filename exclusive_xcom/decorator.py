@@ -27,7 +27,7 @@ from airflow.sdk.definitions.xcom_arg import XComArg
 from airflow.sdk.exceptions import AirflowSkipException
 
 from exclusive_xcom import assets
-from exclusive_xcom.errors import ConfigurationError, NotAuthorizedError
+from exclusive_xcom.errors import ConfigurationError, ItemRef, NotAuthorizedError, named
 from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
 from exclusive_xcom.ledger import MODES, consumer_slot
 from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
@@ -352,31 +352,34 @@ def exclusive_task(
     """Turn a function into a task whose inputs are claimed and whose output is exclusive.
 
     Bare (``@exclusive_task``) or called (``@exclusive_task(consumers=[...], mode=...)``);
-    every keyword of ``airflow.sdk.task`` passes through. Bad arguments fail here, at DAG
-    parse time, with a message that says what is allowed.
+    every keyword of ``airflow.sdk.task`` passes through. Bad arguments fail when the
+    decorator is applied, at DAG parse time, with a message that says what is allowed and
+    names the task.
     """
     if python_callable is not None and not callable(python_callable):
         raise ConfigurationError(
             f"@exclusive_task takes no positional arguments, got {python_callable!r}; "
             "write @exclusive_task(consumers=[...])"
         )
-    names = _consumer_names(consumers)
-    _check_keywords(task_kwargs)
-    _check_options(mode, names, task_kwargs.get("batch_size", 100), task_kwargs.get("max_items"))
-    if names:
-        if multiple_outputs:
-            raise ConfigurationError(
-                "multiple_outputs=True cannot be combined with consumers=: an exclusive output is one value"
-            )
-        multiple_outputs = False  # a `-> dict` annotation must not split the exclusive output
-    kwargs = {**task_kwargs, "consumers": names, "mode": mode}
 
     def wrap(function: Callable[..., Any]) -> Any:
+        # Checked here, when the decorator meets its function (still at parse time), so that
+        # the message names the task.
+        task_id = str(task_kwargs.get("task_id", getattr(function, "__name__", "-")))
+        with named(ItemRef("-", "-", task_id, "return_value")):  # parse time: no DAG run yet
+            names = _consumer_names(consumers)
+            _check_keywords(task_kwargs)
+            _check_options(mode, names, task_kwargs.get("batch_size", 100), task_kwargs.get("max_items"))
+            if names and multiple_outputs:
+                raise ConfigurationError(
+                    "multiple_outputs=True cannot be combined with consumers=: an exclusive output is one value"
+                )
+        split = False if names else multiple_outputs  # a `-> dict` annotation must not split an exclusive output
         return _ExclusiveTaskDecorator(
             function=function,
-            multiple_outputs=attr.NOTHING if multiple_outputs is None else multiple_outputs,  # type: ignore[arg-type]
+            multiple_outputs=attr.NOTHING if split is None else split,  # type: ignore[arg-type]
             operator_class=_ExclusiveDecoratedOperator,
-            kwargs=kwargs,
+            kwargs={**task_kwargs, "consumers": names, "mode": mode},
             decorator_name="exclusive",
         )
 

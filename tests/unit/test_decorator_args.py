@@ -20,34 +20,38 @@ def _dag(dag_id: str = "d") -> DAG:
     return DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"))
 
 
+def _task() -> None: ...
+
+
 def test_unknown_mode_names_the_allowed_modes() -> None:
-    with pytest.raises(ConfigurationError, match=r"mode='all' is not one of 'each', 'one', 'items'"):
-        exclusive_task(consumers=["b"], mode="all")
+    with pytest.raises(ConfigurationError, match=r"mode='all' is not one of 'each', 'one', 'items'") as caught:
+        exclusive_task(consumers=["b"], mode="all")(_task)
+    assert str(caught.value).endswith("[dag='-' run='-' producer='_task' key='return_value' consumer='-']")
 
 
 def test_consumer_that_is_not_a_string_or_consumer_is_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"task ids \(str\) or Consumer\(dag_id=..., task_id=...\), got 42"):
-        exclusive_task(consumers=["b", 42])
+        exclusive_task(consumers=["b", 42])(_task)
 
 
 def test_consumers_of_the_wrong_type_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="consumers= must be a list"):
-        exclusive_task(consumers=3.5)
+        exclusive_task(consumers=3.5)(_task)
 
 
 def test_unknown_keyword_is_refused_with_a_suggestion() -> None:
     with pytest.raises(ConfigurationError, match=r"unknown keyword 'retrys' \(did you mean 'retries'\?\)"):
-        exclusive_task(consumers=["b"], retrys=2)
+        exclusive_task(consumers=["b"], retrys=2)(_task)
 
 
 def test_mode_without_consumers_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="mode='one' needs consumers="):
-        exclusive_task(mode="one")
+        exclusive_task(mode="one")(_task)
 
 
 def test_multiple_outputs_cannot_split_an_exclusive_output() -> None:
     with pytest.raises(ConfigurationError, match="multiple_outputs=True cannot be combined with consumers="):
-        exclusive_task(consumers=["b"], multiple_outputs=True)
+        exclusive_task(consumers=["b"], multiple_outputs=True)(_task)
 
 
 def test_positional_argument_is_refused() -> None:
@@ -57,7 +61,7 @@ def test_positional_argument_is_refused() -> None:
 
 def test_bad_batch_size_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="batch_size= must be a positive int, got 0"):
-        exclusive_task(consumers=["b"], mode="items", batch_size=0)
+        exclusive_task(consumers=["b"], mode="items", batch_size=0)(_task)
 
 
 def test_consumer_ids_are_validated() -> None:
