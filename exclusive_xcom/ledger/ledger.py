@@ -1136,11 +1136,8 @@ def _secret(conn: sa.Connection) -> bytes:
 
 
 def _is_refused(exc: sa.exc.DBAPIError) -> bool:
-    """A privilege or row-level-security refusal (SQLSTATE 42501; MySQL's "command denied")."""
-    if getattr(exc.orig, "sqlstate", None) == "42501":
-        return True
-    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
-    return len(args) > 0 and args[0] in (1142, 1143)
+    """PostgreSQL refused a privilege or a row-level-security policy (SQLSTATE 42501)."""
+    return getattr(exc.orig, "sqlstate", None) == "42501"
 
 
 def _is_deadlock(exc: sa.exc.DBAPIError) -> bool:

@@ -25,6 +25,7 @@ from exclusive_xcom.cli import main
 from exclusive_xcom.errors import ClaimConflictError, ConfigurationError, NotAuthorizedError, PayloadError
 from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, get_engine
 from exclusive_xcom.ledger.queries import TEAM_ROLE_PREFIX
+from exclusive_xcom.ledger.schema import SCHEMA_VERSION
 from exclusive_xcom.runtime import env, env_for, open_session
 from tests.support import admin_engine
 
@@ -240,6 +241,17 @@ def test_a_hostile_task_of_team_a_cannot_open_a_session_as_team_b(
         get_engine(world.a.url).dispose()
     assert _snapshot(world) == before
     _b_reads_everything_once(world)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_teams_role_cannot_upgrade_the_schema_and_says_who_can(world: World) -> None:
+    with get_engine(world.admin).begin() as conn:  # as if the code were newer than the schema
+        conn.execute(sa.text("UPDATE exclusive_xcom_meta SET value = '7' WHERE name = 'schema_version'"))
+    with pytest.raises(NotAuthorizedError) as caught:
+        world.a.ledger.migrate()
+    message = str(caught.value)
+    assert "refused this as user" in message and "pw-" not in message
+    assert message.endswith(f"the schema needs version {SCHEMA_VERSION}: run `exclusive-xcom db migrate` as its owner")
 
 
 def _snapshot(world: World) -> list[tuple[Any, ...]]:

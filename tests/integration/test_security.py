@@ -135,3 +135,15 @@ def test_a_configuration_error_in_a_task_names_the_task(configured: pytest.Monke
         "[exclusive_xcom] lease_seconds must be a number, got 'five' "
         "[dag='etl' run='r1' producer='extract' key='return_value' consumer='load']"
     )
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_teams_without_a_key_are_refused(configured: pytest.MonkeyPatch) -> None:
+    """Each team's secret_key is what keeps its handles its own: teams without one make no sense."""
+    configured.setenv("AIRFLOW__EXCLUSIVE_XCOM__TEAMS", "sales: sales_*")
+    configured.setenv("AIRFLOW__EXCLUSIVE_XCOM__ALLOW_PLAINTEXT", "True")
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^\[exclusive_xcom\] teams needs a key: set \[exclusive_xcom\] secret_key, one per team$",
+    ):
+        env_for(config.load_settings())

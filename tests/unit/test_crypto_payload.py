@@ -397,3 +397,12 @@ def test_offloaded_blob_rotates_by_streaming_through_reseal(store: BlobStore) ->
     assert new.decode(rotated) == BIG_TEXT
     with pytest.raises(PayloadError):
         new.decode(blob)
+
+
+def test_checking_a_handle_without_any_key_names_both_ways_to_set_one() -> None:
+    """A consumer configured with no key (and no allow_plaintext) cannot verify anything."""
+    wire = Handle(Output("d", "r", "extract"), 1, "each", ("d/load",)).to_xcom(keys("k"))
+    with pytest.raises(
+        ConfigurationError, match=r"^no key configured .* set \[exclusive_xcom\] secret_key .*allow_plaintext = True"
+    ):
+        parse(wire, keyring_from("", ""))
