@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from benchmarks.db import DAG, DURABILITY, GENERATION, RUN, as_task, fill_items, fresh_database, migrated_ledger
 from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
-from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, create_engine
+from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, Written, create_engine
 from exclusive_xcom.ledger import queries as q
 
 POOL = 60_000
@@ -50,7 +50,7 @@ def _claimant() -> Claimant:
 
 
 def _request(limit: int = 1) -> ClaimRequest:
-    return ClaimRequest(Output(DAG, RUN, "pool"), GENERATION, ITEMS, CONSUMERS, limit=limit)
+    return ClaimRequest(Written(Output(DAG, RUN, "pool"), GENERATION, ITEMS, CONSUMERS), limit=limit)
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -224,17 +224,25 @@ def _statement_texts() -> dict[str, str]:
     now = datetime(2026, 1, 1)
     statements = {
         "claim (PostgreSQL, one statement)": q.claim_ready_now(
-            "<output>", 1, None, "[]", c.identity, 1, now, now, c.ti_key, 1, maker=c.maker
+            claimant=c,
+            output_id="<output>",
+            generation=1,
+            consumers="[]",
+            slot=None,
+            seq=0,
+            limit=1,
+            now=now,
+            lease=now,
         ),
         "finish (PostgreSQL, one statement)": q.consume_all_now(
-            [1], c.identity, 1, now, c.ti_key, "<inputs>", maker=c.maker
+            claimant=c, ids=[1], now=now, inputs="<inputs>", keep_payload=False
         ),
-        "claim, general path: lock_ready": q.lock_ready("<output>", 1, 1),
-        "claim, general path: mark_claimed": q.mark_claimed([1], c.identity, 1, now, now, c.ti_key, c.maker),
-        "finish, general path: mark_consumed": q.mark_consumed([1], c.identity, 1, now, c.ti_key, maker=c.maker),
-        "finish, general path: mark_finished": q.mark_finished(c.ti_key, 1, "<inputs>", now),
+        "claim, general path: lock_ready": q.lock_ready(output_id="<output>", generation=1, limit=1),
+        "claim, general path: mark_claimed": q.mark_claimed(claimant=c, ids=[1], now=now, lease=now),
+        "finish, general path: mark_consumed": q.mark_consumed(claimant=c, ids=[1], now=now, keep_payload=False),
+        "finish, general path: mark_finished": q.mark_finished(claimant=c, inputs="<inputs>", now=now),
     }
-    return {name: _sql(bound[0], postgresql.dialect()) for name, bound in statements.items()}
+    return {name: _sql(bound.statement, postgresql.dialect()) for name, bound in statements.items()}
 
 
 def _sql(statement: sa.Executable, dialect: sa.Dialect) -> str:
@@ -248,9 +256,9 @@ def _build_cost(repeat: int = 300) -> dict[str, float]:
     c = _claimant()
     now = datetime(2026, 1, 1)
     builders = {
-        "lock_ready": lambda: q.lock_ready("<output>", 1, 1),
-        "mark_claimed": lambda: q.mark_claimed([1], c.identity, 1, now, now, c.ti_key, c.maker),
-        "mark_consumed": lambda: q.mark_consumed([1], c.identity, 1, now, c.ti_key, maker=c.maker),
+        "lock_ready": lambda: q.lock_ready(output_id="<output>", generation=1, limit=1),
+        "mark_claimed": lambda: q.mark_claimed(claimant=c, ids=[1], now=now, lease=now),
+        "mark_consumed": lambda: q.mark_consumed(claimant=c, ids=[1], now=now, keep_payload=False),
     }
     cost = {}
     for name, build in builders.items():

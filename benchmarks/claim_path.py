@@ -29,7 +29,7 @@ from benchmarks.db import (
 from benchmarks.runner import PoolSizer
 from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMERS
-from exclusive_xcom.ledger import ITEMS, Ledger, Output, Production
+from exclusive_xcom.ledger import ITEMS, Ledger, Output, Production, Written
 
 CONTENDERS = ("library", "raw 1 statement", "raw 2 transactions")
 GUESSES = {  # items/s, to size the first queue of each contender
@@ -82,7 +82,7 @@ def _prepare(
     if contender == "library":
         started = time.perf_counter()
         payloads = (PAYLOAD for _ in range(size))
-        ledger.produce(Production(Output(DAG, RUN, name), GENERATION, ITEMS, CONSUMERS, payloads))
+        ledger.produce(Production(Written(Output(DAG, RUN, name), GENERATION, ITEMS, CONSUMERS), payloads))
         produce_rates.append(size / (time.perf_counter() - started))
         return "benchmarks.workloads:library", {"url": url, "producer": name, "batch": 1}
     create_raw_queue(admin, name, size)

@@ -51,7 +51,7 @@ def _setup(workdir: Path, encrypt: bool) -> Any:
 
 
 def _phase(phase: str, size: int, workdir: Path, encrypt: bool) -> dict[str, Any]:
-    from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Output, Production
+    from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Output, Production, Written
 
     ledger, codec = _setup(workdir, encrypt)
     output = Output("bench", "run", "produce")
@@ -61,12 +61,12 @@ def _phase(phase: str, size: int, workdir: Path, encrypt: bool) -> dict[str, Any
         _reset_peak()
         before = _status("VmRSS")
         stored = codec.encode(value, "bench", output.ref())
-        ledger.produce(Production(output, 1, ITEMS, consumers, [stored]))
+        ledger.produce(Production(Written(output, 1, ITEMS, consumers), [stored]))
     else:
         _reset_peak()
         before = _status("VmRSS")
         claimant = Claimant("bench", "run", "consume")
-        (claimed,) = ledger.claim(claimant, [ClaimRequest(output, 1, ITEMS, consumers, 1)]).claims
+        (claimed,) = ledger.claim(claimant, [ClaimRequest(Written(output, 1, ITEMS, consumers), 1)]).claims
         value = codec.decode(claimed.payloads[0])
         ledger.finish(claimant, claimed.ids)
     grew = _status("VmHWM") - before

@@ -33,7 +33,7 @@ from benchmarks.db import (
 from benchmarks.runner import percentile
 from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
-from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production
+from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, Written
 
 READY = 3_000  # items left to claim in the pool
 EACH_OUTPUTS = 200  # one-row outputs (mode each) to claim
@@ -76,7 +76,9 @@ def _fill(ledger: Ledger, size: int) -> float:
         fill_items(ledger.engine, Output(DAG, RUN, f"old_{n}"), chunk, consumers=CONSUMERS, consumed=True)
         other, n = other - chunk, n + 1
     for k in range(EACH_OUTPUTS):
-        ledger.produce(Production(Output(DAG, RUN, "single", map_index=k), GENERATION, EACH, CONSUMERS, [PAYLOAD]))
+        ledger.produce(
+            Production(Written(Output(DAG, RUN, "single", map_index=k), GENERATION, EACH, CONSUMERS), [PAYLOAD])
+        )
     analyze(ledger.engine)
     return time.perf_counter() - started
 
@@ -87,7 +89,7 @@ def _claimant(try_number: int = 1) -> Claimant:
 
 def _measure(ledger: Ledger, db: str, size: int, seconds: float, fill_seconds: float) -> list[dict[str, Any]]:
     claimant = _claimant()
-    items = ClaimRequest(_pool(), GENERATION, ITEMS, CONSUMERS, limit=1)
+    items = ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=1)
     ledger.finish(claimant, [])  # connect before timing
     timings: dict[str, list[float]] = {"claim (items, limit=1)": [], "finish": [], "claim (each)": []}
     deadline = time.monotonic() + seconds
@@ -104,7 +106,7 @@ def _measure(ledger: Ledger, db: str, size: int, seconds: float, fill_seconds: f
     for k in range(EACH_OUTPUTS - 1):  # the last one is left for EXPLAIN
         if time.monotonic() > deadline and len(timings["claim (each)"]) >= MIN_SAMPLES:
             break
-        request = ClaimRequest(Output(DAG, RUN, "single", map_index=k), GENERATION, EACH, CONSUMERS)
+        request = ClaimRequest(Written(Output(DAG, RUN, "single", map_index=k), GENERATION, EACH, CONSUMERS))
         t0 = time.perf_counter()
         (claimed,) = ledger.claim(claimant, [request]).claims
         timings["claim (each)"].append(time.perf_counter() - t0)
@@ -135,15 +137,17 @@ def explain_claim_paths(ledger: Ledger, size: int) -> dict[str, Any]:
     sa.event.listen(ledger.engine, "before_cursor_execute", capture)
     try:
         label[0] = "claim items"
-        (claimed,) = ledger.claim(claimant, [ClaimRequest(_pool(), GENERATION, ITEMS, CONSUMERS, limit=1)]).claims
+        (claimed,) = ledger.claim(
+            claimant, [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=1)]
+        ).claims
         label[0] = "finish"
         ledger.finish(claimant, claimed.ids)
         label[0] = "claim each"
         last = Output(DAG, RUN, "single", map_index=EACH_OUTPUTS - 1)
-        (claimed,) = ledger.claim(claimant, [ClaimRequest(last, GENERATION, EACH, CONSUMERS)]).claims
+        (claimed,) = ledger.claim(claimant, [ClaimRequest(Written(last, GENERATION, EACH, CONSUMERS))]).claims
         label[0] = "claim items (retry takes back)"  # try 1 holds one item; try 2 takes it back first
-        ledger.claim(claimant, [ClaimRequest(_pool(), GENERATION, ITEMS, CONSUMERS, limit=1)])
-        ledger.claim(_claimant(2), [ClaimRequest(_pool(), GENERATION, ITEMS, CONSUMERS, limit=2)])
+        ledger.claim(claimant, [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=1)])
+        ledger.claim(_claimant(2), [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=2)])
     finally:
         sa.event.remove(ledger.engine, "before_cursor_execute", capture)
     plans = []

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 from benchmarks.db import DAG, GENERATION, RUN, as_task, libpq_params
-from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, consumer_slot, create_engine
+from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, Written, consumer_slot, create_engine
 
 CONSUMER = "drain"
 CONSUMERS = (consumer_slot(DAG, CONSUMER),)
@@ -23,7 +23,7 @@ def library(url: str, index: int, producer: str, batch: int) -> Iterator[int]:
     """Mapped instance ``drain[index]`` of a DAG: claim up to ``batch`` items, then finish them."""
     ledger = Ledger(create_engine(url))
     claimant = as_task(Claimant(DAG, RUN, CONSUMER, map_index=index))
-    request = ClaimRequest(Output(DAG, RUN, producer), GENERATION, ITEMS, CONSUMERS, limit=batch)
+    request = ClaimRequest(Written(Output(DAG, RUN, producer), GENERATION, ITEMS, CONSUMERS), limit=batch)
     try:
         ledger.finish(claimant, [])  # connect (and check the fence) before the clock starts
         yield 0

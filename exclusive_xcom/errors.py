@@ -93,7 +93,15 @@ class ClaimConflictError(ExclusiveXComError):
     """Another live claim holds the item; wait for its lease to expire or release it."""
 
 
-class LedgerUnavailableError(ExclusiveXComError):
+class LedgerError(ExclusiveXComError):
+    """The claim ledger database refused a statement; the step changed nothing."""
+
+
+class LedgerIntegrityError(LedgerError):
+    """A constraint of the claim ledger refused a write (say, an output written twice); nothing was changed."""
+
+
+class LedgerUnavailableError(LedgerError):
     """The claim ledger database cannot be reached; the message says what is known of the step that failed."""
 
     maybe_committed = False  # True when the connection failed while the step committed

@@ -15,7 +15,7 @@ from typing import Any
 
 from exclusive_xcom.crypto import Keyring
 from exclusive_xcom.errors import PayloadError
-from exclusive_xcom.ledger import ClaimRequest, Output
+from exclusive_xcom.ledger import ClaimRequest, Output, Written
 
 #: The XCom key exclusive outputs are pushed under (URL-safe: it is a path segment in
 #: Airflow 3's Execution API).
@@ -26,11 +26,9 @@ _FIELDS = ("dag_id", "run_id", "task_id", "map_index", "key", "generation", "mod
 
 
 @dataclass(frozen=True)
-class Handle:
-    output: Output
-    generation: int
-    mode: str
-    consumers: tuple[str, ...]
+class Handle(Written):
+    """What was written (see :class:`Written`) as a task passes it on, maybe narrowed to one item."""
+
     seq: int | None = None  # one item of a mode-items output: what a consumer mapped over it gets
 
     def element(self, seq: int) -> Handle:
@@ -42,7 +40,7 @@ class Handle:
         return {MARKER: VERSION, **body, "sig": keys.sign(_message(body))}
 
     def request(self, limit: int = 100) -> ClaimRequest:
-        return ClaimRequest(self.output, self.generation, self.mode, self.consumers, limit, self.seq)
+        return ClaimRequest(self, limit, self.seq)
 
     def _body(self) -> dict[str, Any]:
         o = self.output

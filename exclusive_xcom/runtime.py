@@ -42,8 +42,8 @@ from exclusive_xcom.ledger import (
     Offloaded,
     Output,
     Production,
+    Stored,
 )
-from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.payload import Codec
 from exclusive_xcom.storage import BlobStore
 from exclusive_xcom.stream import ItemStream
@@ -275,19 +275,21 @@ class Session:
                     self._blob_ids[item_id] = payload.uri
         c = self.claimant
         for claimed in result.claims:
-            out = claimed.request.output
+            out, mode = claimed.request.output, claimed.request.written.mode
             log.info(
                 "exclusive_xcom: claimed %s of %s/%s/%s (mode %s) for %s in %.1f ms: %s",
                 _describe_ids(claimed.ids),
                 out.dag_id,
                 out.run_id,
                 out.producer,
-                claimed.request.mode,
+                mode,
                 c,
                 elapsed * 1000,
                 claimed.describe_origins(),
             )
-            metrics.claimed(len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=claimed.request.mode)
+            metrics.claimed(
+                len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=claimed.request.written.mode
+            )
         return result
 
     def _values(self, h: Handle, raw: list[Stored]) -> Any:
@@ -418,10 +420,10 @@ class Session:
         handle = Handle(output, generation, mode, consumers)
         if mode == ITEMS:
             data: Any = (self._encode(v, folder, ref) for v in _iterable(value, ref))
-            return Production(output, generation, mode, consumers, data), handle
+            return Production(handle, data), handle
         elements = [self._encode(v, folder, ref) for v in _iterable(value, ref)] if split else []
         whole = [self._encode(value, folder, ref)] if set(consumers) - set(split) else []
-        return Production(output, generation, mode, consumers, whole, split, elements), handle
+        return Production(handle, whole, split, elements), handle
 
     def handle_of(self, generation: int, mode: str, consumers: tuple[str, ...]) -> Handle:
         """The handle of the output an earlier try (``generation``) of this task instance wrote."""

@@ -1,7 +1,8 @@
 """The claim ledger: tables, statements and transactions. Imports no Airflow."""
 
 from exclusive_xcom.ledger.engine import create_engine, get_engine
-from exclusive_xcom.ledger.ledger import (
+from exclusive_xcom.ledger.ledger import Ledger
+from exclusive_xcom.ledger.types import (
     EACH,
     ITEMS,
     MODES,
@@ -10,12 +11,14 @@ from exclusive_xcom.ledger.ledger import (
     ClaimRequest,
     ClaimResult,
     Finished,
-    Ledger,
     Offloaded,
     Output,
     Production,
+    Stored,
     Waiting,
+    Written,
     consumer_slot,
+    inputs_key,
 )
 
 __all__ = [
@@ -31,8 +34,11 @@ __all__ = [
     "Offloaded",
     "Output",
     "Production",
+    "Stored",
     "Waiting",
+    "Written",
     "consumer_slot",
     "create_engine",
     "get_engine",
+    "inputs_key",
 ]

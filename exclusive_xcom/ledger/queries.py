@@ -13,16 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SHARED_SLOT, fence, item, meta
+from exclusive_xcom.ledger.types import Claimant
 
 if TYPE_CHECKING:
-    from decimal import Decimal
-
     from typing_extensions import Unpack
 
     Rows = sa.Select[Unpack[tuple[Any, ...]]]  # whole rows, however many columns
@@ -62,8 +61,14 @@ _READY, _CLAIMED, _CONSUMED, _SHARED = (_constant(v) for v in (READY, CLAIMED, C
 
 _V = TypeVar("_V")
 
-#: A statement and the values of its bind parameters, ready for ``conn.execute(*bound)``.
-Bound = tuple[sa.Executable, dict[str, Any]]
+
+class Bound(NamedTuple):
+    """What every function here returns: a statement and the values of its bind parameters
+    (one dict, or a list of them for an executemany), ready for ``conn.execute(*bound)``."""
+
+    statement: sa.Executable
+    params: dict[str, Any] | list[dict[str, Any]] | None = None
+
 
 # -- the claim path: statements built once -----------------------------------------------------
 #
@@ -93,20 +98,22 @@ _HELD = sa.and_(
 _POOL = sa.and_(item.c.output_id == _P("p_output"), item.c.generation == _P("p_gen"), item.c.slot == _SHARED)
 
 
-def _owner(owner: tuple[str, str, str, int], try_number: int) -> dict[str, Any]:
-    dag_id, run_id, task_id, map_index = owner
-    return {"o_dag": dag_id, "o_run": run_id, "o_task": task_id, "o_map": map_index, "o_try": try_number}
+def _owner(claimant: Claimant) -> dict[str, Any]:
+    """The claimant's task instance and try: whose claims a statement may touch."""
+    c = claimant
+    return {"o_dag": c.dag_id, "o_run": c.run_id, "o_task": c.task_id, "o_map": c.map_index, "o_try": c.try_number}
 
 
-#: Who made a claim or a consume: the Airflow task-instance id and the host of the process (or
-#: None: code that does not say, such as the benchmarks). Recorded, never checked here: task
-#: code can present any identity, so `exclusive-xcom audit` compares the records with Airflow.
-Maker = tuple[str | None, str | None]
+def _made_by(claimant: Claimant) -> dict[str, Any]:
+    """Who made a claim or a consume: the Airflow task-instance id and the host of the process
+    (or None: code that does not say, such as the benchmarks). Recorded, never checked here:
+    task code can present any identity, so `exclusive-xcom audit` compares the records with Airflow."""
+    return {"m_ti": claimant.ti_id, "m_host": claimant.host}
 
 
-def _made_by(maker: Maker) -> dict[str, Any]:
-    ti_id, host = maker
-    return {"m_ti": ti_id, "m_host": host}
+def _fenced_as(claimant: Claimant) -> dict[str, Any]:
+    """What a statement that goes through the fence needs: owner, try and the fence's key."""
+    return {**_owner(claimant), "f_key": claimant.ti_key}
 
 
 #: MySQL/MariaDB are told which index a pool claim reads: left to itself MariaDB chose the
@@ -265,21 +272,19 @@ _CONSUME_ALL_NOW = {
 
 
 def claim_ready_now(
+    *,
+    claimant: Claimant,
     output_id: str,
     generation: int,
-    slot: str | None,
     consumers: str,
-    owner: tuple[str, str, str, int],
-    try_number: int,
+    slot: str | None,
+    seq: int,
+    limit: int,
     now: datetime,
     lease: datetime,
-    ti_key: str,
-    limit: int,
-    seq: int = 0,
-    maker: Maker = (None, None),
 ) -> Bound:
     """PostgreSQL, one statement: claim up to ``limit`` ready rows of a pool (``slot`` None)
-    or one row (a slot's, or item ``seq`` of a pool), for this try, recording its ``maker``."""
+    or one row (a slot's, or item ``seq`` of a pool), for this try, recording who made it."""
     params = {
         "p_output": output_id,
         "p_gen": generation,
@@ -287,158 +292,135 @@ def claim_ready_now(
         "limit": limit,
         "now": now,
         "lease": lease,
-        "f_key": ti_key,
-        **_owner(owner, try_number),
-        **_made_by(maker),
+        **_fenced_as(claimant),
+        **_made_by(claimant),
     }
     if slot is None:
-        return _CLAIM_READY_NOW, params
-    return _CLAIM_SLOT_NOW, {**params, "p_slot": slot, "p_seq": seq}
+        return Bound(_CLAIM_READY_NOW, params)
+    return Bound(_CLAIM_SLOT_NOW, {**params, "p_slot": slot, "p_seq": seq})
 
 
 def consume_all_now(
-    ids: Sequence[int],
-    owner: tuple[str, str, str, int],
-    try_number: int,
-    now: datetime,
-    ti_key: str,
-    inputs: str | None,
-    keep_payload: bool = False,
-    maker: Maker = (None, None),
+    *, claimant: Claimant, ids: Sequence[int], now: datetime, inputs: str | None, keep_payload: bool
 ) -> Bound:
     """PostgreSQL, one statement: consume every one of ``ids`` held by this try, or none,
-    and record the finish (:func:`mark_finished`) if it consumed them.
-
-    The parameters are :func:`mark_consumed`'s, plus the inputs' key and how many rows must be held.
-    """
-    _, params = mark_consumed(ids, owner, try_number, now, ti_key, maker=maker)
+    and record the finish (:func:`mark_finished`) if it consumed them (``inputs`` given)."""
+    _, params = mark_consumed(claimant=claimant, ids=ids, now=now, keep_payload=keep_payload)
+    assert isinstance(params, dict)
     stmt = _CONSUME_ALL_NOW[keep_payload, inputs is not None]  # a batch acknowledged mid-task: no record
-    return stmt, {**params, "inputs": inputs, "n": len(params["ids"])}
+    return Bound(stmt, {**params, "inputs": inputs, "n": len(params["ids"])})
 
 
-def lock_slot(output_id: str, generation: int, slot: str, seq: int = 0) -> Bound:
+def lock_slot(*, output_id: str, generation: int, slot: str, seq: int) -> Bound:
     """Lock one row (a slot's in modes each/one, or item ``seq``); one being claimed elsewhere is skipped."""
-    return _LOCK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot, "p_seq": seq}
+    return Bound(_LOCK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot, "p_seq": seq})
 
 
-def peek_slot(output_id: str, generation: int, slot: str, seq: int = 0) -> Bound:
+def peek_slot(*, output_id: str, generation: int, slot: str, seq: int) -> Bound:
     """Read that row without locking, to explain why :func:`lock_slot` returned nothing."""
-    return _PEEK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot, "p_seq": seq}
+    return Bound(_PEEK_SLOT, {"p_output": output_id, "p_gen": generation, "p_slot": slot, "p_seq": seq})
 
 
-def lock_ready(output_id: str, generation: int, limit: int) -> Bound:
+def lock_ready(*, output_id: str, generation: int, limit: int) -> Bound:
     """Lock up to ``limit`` ready items of a shared pool (mode items), lowest seq first."""
-    return _LOCK_READY, {"p_output": output_id, "p_gen": generation, "limit": limit}
+    return Bound(_LOCK_READY, {"p_output": output_id, "p_gen": generation, "limit": limit})
 
 
 def lock_reclaimable(
-    output_id: str,
-    generation: int,
-    owner: tuple[str, str, str, int],
-    try_number: int,
-    now: datetime,
-    limit: int,
-    exclude: Sequence[int] = (),
+    *, claimant: Claimant, output_id: str, generation: int, now: datetime, limit: int, exclude: Sequence[int] = ()
 ) -> Bound:
     """Lock up to ``limit`` claimed items of a pool that may be taken over: expired leases,
     and what earlier tries of this task instance held (``exclude``: already taken)."""
-    params = {"p_output": output_id, "p_gen": generation, "now": now, "limit": limit, **_owner(owner, try_number)}
+    params = {"p_output": output_id, "p_gen": generation, "now": now, "limit": limit, **_owner(claimant)}
     if exclude:
-        return _LOCK_RECLAIMABLE_EXCLUDING, {**params, "exclude": list(exclude)}
-    return _LOCK_RECLAIMABLE, params
+        return Bound(_LOCK_RECLAIMABLE_EXCLUDING, {**params, "exclude": list(exclude)})
+    return Bound(_LOCK_RECLAIMABLE, params)
 
 
-def lock_own_earlier(
-    output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int, limit: int
-) -> Bound:
+def lock_own_earlier(*, claimant: Claimant, output_id: str, generation: int, limit: int) -> Bound:
     """What earlier tries of this task instance still hold: a retry takes these back first."""
-    return _LOCK_OWN_EARLIER, {
-        "p_output": output_id,
-        "p_gen": generation,
-        "limit": limit,
-        **_owner(owner, try_number),
-    }
+    return Bound(_LOCK_OWN_EARLIER, {"p_output": output_id, "p_gen": generation, "limit": limit, **_owner(claimant)})
 
 
-def lock_fence(ti_key: str) -> sa.Select[int, int | None, str | None]:
+def lock_fence(*, ti_key: str) -> Bound:
     """The newest try of a task instance, and the try (and inputs) whose finish consumed."""
     columns = (fence.c.try_number, fence.c.finished_try, fence.c.finished_inputs)
-    return sa.select(*columns).where(fence.c.ti_key == ti_key).with_for_update()
+    return Bound(sa.select(*columns).where(fence.c.ti_key == ti_key).with_for_update())
 
 
-def mark_finished(ti_key: str, try_number: int, inputs: str | None, now: datetime) -> Bound:
+def mark_finished(*, claimant: Claimant, inputs: str | None, now: datetime) -> Bound:
     """Record that this try's finish consumed ``inputs`` (a key of their outputs and generations)."""
-    return _MARK_FINISHED, {"f_key": ti_key, "o_try": try_number, "inputs": inputs, "now": now}
+    params = {"f_key": claimant.ti_key, "o_try": claimant.try_number, "inputs": inputs, "now": now}
+    return Bound(_MARK_FINISHED, params)
 
 
-def insert_fence(ti_key: str, try_number: int, now: datetime) -> sa.Insert:
-    return sa.insert(fence).values(ti_key=ti_key, try_number=try_number, updated_at=now)
+def enter_fence(*, dialect: str, ti_key: str, try_number: int, now: datetime) -> Bound:
+    """One upsert: the task instance's fence row is made, or raised to this try if it is newer.
+
+    Two tries starting at once cannot both insert (the primary key decides in the server, no
+    retry in the client); an older try leaves the row as it is and finds itself fenced out
+    when it reads the row back (:func:`lock_fence`, same transaction).
+    """
+    values = {"ti_key": ti_key, "try_number": try_number, "updated_at": now}
+    if dialect == "postgresql":
+        pg = postgresql.insert(fence).values(**values)
+        newest = sa.func.greatest(fence.c.try_number, pg.excluded.try_number)
+        return Bound(pg.on_conflict_do_update(index_elements=[fence.c.ti_key], set_=_raised(newest, now)))
+    if dialect in ("mysql", "mariadb"):
+        my = mysql.insert(fence).values(**values)
+        newest = sa.func.greatest(fence.c.try_number, my.inserted.try_number)
+        return Bound(my.on_duplicate_key_update(_raised(newest, now)))
+    lite = sqlite.insert(fence).values(**values)
+    newest = sa.func.max(fence.c.try_number, lite.excluded.try_number)
+    return Bound(lite.on_conflict_do_update(index_elements=[fence.c.ti_key], set_=_raised(newest, now)))
 
 
-def raise_fence(ti_key: str, try_number: int, now: datetime) -> sa.Update:
-    return (
-        sa.update(fence)
-        .where(fence.c.ti_key == ti_key, fence.c.try_number < try_number)
-        .values(try_number=try_number, updated_at=now)
-    )
+def _raised(newest: sa.ColumnElement[int], now: datetime) -> dict[str, Any]:
+    """The fence row after an upsert: the newest try, last seen now (purge ages rows by this)."""
+    return {"try_number": newest, "updated_at": now}
 
 
-def mark_claimed(
-    ids: Sequence[int],
-    owner: tuple[str, str, str, int],
-    try_number: int,
-    now: datetime,
-    lease: datetime,
-    ti_key: str,
-    maker: Maker = (None, None),
-) -> Bound:
+def mark_claimed(*, claimant: Claimant, ids: Sequence[int], now: datetime, lease: datetime) -> Bound:
     """Claim locked rows for this try, unless a newer try of the task instance has begun."""
-    params = {"ids": list(ids), "now": now, "lease": lease, "f_key": ti_key, **_owner(owner, try_number)}
-    return _MARK_CLAIMED, {**params, **_made_by(maker)}
+    params = {"ids": list(ids), "now": now, "lease": lease, **_fenced_as(claimant), **_made_by(claimant)}
+    return Bound(_MARK_CLAIMED, params)
 
 
-def mark_consumed(
-    ids: Sequence[int],
-    owner: tuple[str, str, str, int],
-    try_number: int,
-    now: datetime,
-    ti_key: str,
-    keep_payload: bool = False,
-    maker: Maker = (None, None),
-) -> Bound:
+def mark_consumed(*, claimant: Claimant, ids: Sequence[int], now: datetime, keep_payload: bool) -> Bound:
     """Consume rows still claimed by exactly this try (the fence every finish goes through)."""
     stmt = _MARK_CONSUMED_KEEPING if keep_payload else _MARK_CONSUMED
-    return stmt, {"ids": list(ids), "now": now, "f_key": ti_key, **_owner(owner, try_number), **_made_by(maker)}
+    return Bound(stmt, {"ids": list(ids), "now": now, **_fenced_as(claimant), **_made_by(claimant)})
 
 
-def extend_lease(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int, lease: datetime) -> Bound:
-    return _EXTEND_LEASE, {"ids": list(ids), "lease": lease, **_owner(owner, try_number)}
+def extend_lease(*, claimant: Claimant, ids: Sequence[int], lease: datetime) -> Bound:
+    return Bound(_EXTEND_LEASE, {"ids": list(ids), "lease": lease, **_owner(claimant)})
 
 
-def release(ids: Sequence[int], owner: tuple[str, str, str, int], try_number: int) -> Bound:
+def release(*, claimant: Claimant, ids: Sequence[int]) -> Bound:
     """Give back rows still claimed by exactly this try (a task that failed for good)."""
-    return _RELEASE, {"ids": list(ids), **_owner(owner, try_number)}
+    return Bound(_RELEASE, {"ids": list(ids), **_owner(claimant)})
 
 
-def select_by_ids(ids: Sequence[int]) -> Rows:
+def select_by_ids(*, ids: Sequence[int]) -> Bound:
     """Rows by id, without payloads: who holds them now, when a finish found them lost."""
     cols = [c for c in item.c if c.name != "payload"]
-    return sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id)
+    return Bound(sa.select(*cols).where(item.c.id.in_(ids)).order_by(item.c.id))
 
 
-def output_consumers(output_id: str, generation: int) -> sa.Select[str]:
+def output_consumers(*, output_id: str, generation: int) -> Bound:
     """The consumers one generation of an output was written for (every row names the same)."""
-    return sa.select(item.c.consumers).where(item.c.output_id == output_id, item.c.generation == generation).limit(1)
+    where = (item.c.output_id == output_id, item.c.generation == generation)
+    return Bound(sa.select(item.c.consumers).where(*where).limit(1))
 
 
-def count_output(output_id: str, generation: int, slot: str | None = None) -> sa.Select[int]:
+def count_output(*, output_id: str, generation: int, slot: str | None = None) -> Bound:
     stmt = sa.select(sa.func.count()).where(item.c.output_id == output_id, item.c.generation == generation)
-    return stmt if slot is None else stmt.where(item.c.slot == slot)
+    return Bound(stmt if slot is None else stmt.where(item.c.slot == slot))
 
 
-def release_any(ids: Sequence[int]) -> sa.Update:
+def release_any(*, ids: Sequence[int]) -> Bound:
     """Operator's override (CLI ``release``): free a stuck claim whoever holds it."""
-    return sa.update(item).where(item.c.id.in_(ids), item.c.state == _CLAIMED).values(**_UNCLAIMED)
+    return Bound(sa.update(item).where(item.c.id.in_(ids), item.c.state == _CLAIMED).values(**_UNCLAIMED))
 
 
 _UNCLAIMED = {
@@ -467,45 +449,42 @@ _RELEASE_HELD = (
 )
 
 
-def release_held(output_id: str, generation: int, owner: tuple[str, str, str, int], try_number: int) -> Bound:
+def release_held(*, claimant: Claimant, output_id: str, generation: int) -> Bound:
     """Give back every row of one output this try holds, whether it knows their ids or not
     (a drain that died between batches, a claim whose reply was lost): the try failed for good."""
-    return _RELEASE_HELD, {"p_output": output_id, "p_gen": generation, **_owner(owner, try_number)}
+    return Bound(_RELEASE_HELD, {"p_output": output_id, "p_gen": generation, **_owner(claimant)})
 
 
-def unconsumed_uris(output_id: str) -> sa.Select[str]:
+def unconsumed_uris(*, output_id: str) -> Bound:
     """Blobs of what :func:`replace_unconsumed` is about to delete."""
-    return sa.select(item.c.payload_uri).where(
-        item.c.output_id == output_id, item.c.state != _CONSUMED, item.c.payload_uri.is_not(None)
-    )
+    where = (item.c.output_id == output_id, item.c.state != _CONSUMED, item.c.payload_uri.is_not(None))
+    return Bound(sa.select(item.c.payload_uri).where(*where))
 
 
-def needed_uris(uris: Sequence[str], keep_consumed: bool) -> sa.Select[str]:
+def needed_uris(*, uris: Sequence[str], keep_consumed: bool) -> Bound:
     """Which of ``uris`` some row still needs: an unconsumed one (or any, if payloads are kept)."""
     stmt = sa.select(item.c.payload_uri).where(item.c.payload_uri.in_(uris)).distinct()
-    return stmt if keep_consumed else stmt.where(item.c.state != _CONSUMED)
+    return Bound(stmt if keep_consumed else stmt.where(item.c.state != _CONSUMED))
 
 
-def output_uris(output_id: str, generation: int) -> sa.Select[str]:
-    return (
-        sa.select(item.c.payload_uri)
-        .where(item.c.output_id == output_id, item.c.generation == generation, item.c.payload_uri.is_not(None))
-        .distinct()
-    )
+def output_uris(*, output_id: str, generation: int) -> Bound:
+    where = (item.c.output_id == output_id, item.c.generation == generation, item.c.payload_uri.is_not(None))
+    return Bound(sa.select(item.c.payload_uri).where(*where).distinct())
 
 
-def delete_output(output_id: str, generation: int) -> sa.Delete:
+def delete_output(*, output_id: str, generation: int) -> Bound:
     """Every row of one generation of an output (Airflow purged its handle)."""
-    return sa.delete(item).where(item.c.output_id == output_id, item.c.generation == generation)
+    return Bound(sa.delete(item).where(item.c.output_id == output_id, item.c.generation == generation))
 
 
-def replace_unconsumed(output_id: str) -> sa.Delete:
+def replace_unconsumed(*, output_id: str) -> Bound:
     """A re-run producer replaces what its earlier tries left unconsumed (no duplicates)."""
-    return sa.delete(item).where(item.c.output_id == output_id, item.c.state != _CONSUMED)
+    return Bound(sa.delete(item).where(item.c.output_id == output_id, item.c.state != _CONSUMED))
 
 
-def insert_items() -> sa.Insert:
-    return sa.insert(item)
+def insert_items(*, rows: list[dict[str, Any]]) -> Bound:
+    """Rows of an output, in one executemany."""
+    return Bound(sa.insert(item), rows)
 
 
 def select_items(
@@ -517,7 +496,7 @@ def select_items(
     state: str | None = None,
     unread_before: datetime | None = None,
     limit: int | None = None,
-) -> Rows:
+) -> Bound:
     """Rows for people and scripts (CLI ``ls``), newest first, without payloads; with
     ``unread_before``, only the unconsumed ones created before it, found as
     :func:`waiting_by_producer` finds them."""
@@ -535,7 +514,7 @@ def select_items(
     ):
         if value is not None:
             stmt = stmt.where(column(col) == value)
-    return stmt.limit(limit) if limit else stmt
+    return Bound(stmt.limit(limit) if limit else stmt)
 
 
 _RECORD_COLUMNS = (
@@ -560,17 +539,17 @@ _RECORD_COLUMNS = (
 
 
 def claim_records(
+    *,
     after_id: int,
     limit: int,
-    *,
     dag_id: str | None = None,
     run_id: str | None = None,
     since: datetime | None = None,
-) -> Rows:
+) -> Bound:
     """Claimed and consumed rows with who claimed and who consumed them, walking the primary key
     (``exclusive-xcom audit``). ``dag_id``/``run_id`` match the producer's or the claimant's;
     ``since``: claimed or consumed then or later."""
-    state = sa.func.coalesce(item.c.state, item.c.state)  # by id, not the state index (see purgeable)
+    state = sa.func.coalesce(item.c.state, item.c.state)  # by id, not the state index (see Purgeable)
     stmt = sa.select(*_RECORD_COLUMNS).where(item.c.id > after_id, state != _READY)
     if dag_id is not None:
         stmt = stmt.where(sa.or_(item.c.dag_id == dag_id, item.c.owner_dag_id == dag_id))
@@ -578,7 +557,7 @@ def claim_records(
         stmt = stmt.where(sa.or_(item.c.run_id == run_id, item.c.owner_run_id == run_id))
     if since is not None:
         stmt = stmt.where(sa.or_(item.c.claimed_at >= since, item.c.consumed_at >= since))
-    return stmt.order_by(item.c.id).limit(limit)
+    return Bound(stmt.order_by(item.c.id).limit(limit))
 
 
 def _opaque(column: sa.ColumnElement[_V]) -> sa.ColumnElement[_V]:
@@ -597,7 +576,7 @@ def _as_is(column: sa.ColumnElement[_V]) -> sa.ColumnElement[_V]:
     return column
 
 
-def waiting_by_producer(unread_before: datetime) -> sa.Select[str, str, int, int | Decimal | None, datetime]:
+def waiting_by_producer(*, unread_before: datetime) -> Bound:
     """Per producer (dag_id, task_id) with unconsumed items: how many wait, how many of them
     were created before ``unread_before`` (unread too long), and when the oldest was created.
 
@@ -607,7 +586,7 @@ def waiting_by_producer(unread_before: datetime) -> sa.Select[str, str, int, int
     """
     dag_id, task_id = _opaque(item.c.dag_id).label("dag_id"), _opaque(item.c.task_id).label("task_id")
     late = sa.case((item.c.created_at < unread_before, 1), else_=0)
-    return (
+    return Bound(
         sa.select(
             dag_id,
             task_id,
@@ -620,126 +599,136 @@ def waiting_by_producer(unread_before: datetime) -> sa.Select[str, str, int, int
     )
 
 
-def count_by_state() -> sa.Select[str, int]:
-    return sa.select(item.c.state, sa.func.count()).group_by(item.c.state)
+def count_by_state() -> Bound:
+    return Bound(sa.select(item.c.state, sa.func.count()).group_by(item.c.state))
 
 
-def storage_stats() -> sa.Select[int | Decimal, int | Decimal, datetime | None]:
+def storage_stats() -> Bound:
     """Bytes stored (inline and offloaded) and the oldest item nobody has consumed yet."""
     unconsumed = item.c.state != _CONSUMED
     offloaded = item.c.payload_uri.is_not(None)
-    return sa.select(
-        sa.func.coalesce(sa.func.sum(sa.case((unconsumed, item.c.payload_size), else_=0)), 0).label("bytes"),
-        sa.func.coalesce(sa.func.sum(sa.case((sa.and_(unconsumed, offloaded), item.c.payload_size), else_=0)), 0).label(
-            "offloaded_bytes"
-        ),
-        sa.func.min(sa.case((unconsumed, item.c.created_at), else_=None)).label("oldest_unconsumed"),
+    return Bound(
+        sa.select(
+            sa.func.coalesce(sa.func.sum(sa.case((unconsumed, item.c.payload_size), else_=0)), 0).label("bytes"),
+            sa.func.coalesce(
+                sa.func.sum(sa.case((sa.and_(unconsumed, offloaded), item.c.payload_size), else_=0)), 0
+            ).label("offloaded_bytes"),
+            sa.func.min(sa.case((unconsumed, item.c.created_at), else_=None)).label("oldest_unconsumed"),
+        )
     )
 
 
-def purgeable(consumed_before: datetime, expired_before: datetime | None, now: datetime) -> sa.ColumnElement[bool]:
-    """Rows retention may delete: consumed long enough ago, or expired unread.
+class Purgeable(NamedTuple):
+    """Rows retention may delete: consumed before ``consumed_before``, or (when
+    ``expired_before`` is set) created before it, unconsumed and not under a live claim at ``now``."""
 
-    Expired: created before ``expired_before`` and not under a live claim. The condition is
-    repeated in the DELETE itself, so a row claimed meanwhile is not deleted.
+    consumed_before: datetime
+    expired_before: datetime | None
+    now: datetime
 
-    ``state`` is read through ``coalesce(state, state)`` on purpose: it keeps planners off
-    the state index, so purge statements go by the primary-key window they are given.
-    Without statistics SQLite would otherwise take ``state = 'consumed'`` as selective and
-    re-read every remaining consumed row for each batch (quadratic).
-    """
-    state = sa.func.coalesce(item.c.state, item.c.state)
-    done = sa.and_(state == _CONSUMED, item.c.consumed_at < consumed_before)
-    if expired_before is None:
-        return done
-    unclaimed = sa.or_(state == _READY, item.c.lease_expires_at < now)
-    expired = sa.and_(state != _CONSUMED, item.c.created_at < expired_before, unclaimed)
-    return sa.or_(done, expired)
+    def condition(self) -> sa.ColumnElement[bool]:
+        """The condition, repeated in the DELETE itself, so a row claimed meanwhile is not deleted.
+
+        ``state`` is read through ``coalesce(state, state)`` on purpose: it keeps planners off
+        the state index, so purge statements go by the primary-key window they are given.
+        Without statistics SQLite would otherwise take ``state = 'consumed'`` as selective and
+        re-read every remaining consumed row for each batch (quadratic).
+        """
+        state = sa.func.coalesce(item.c.state, item.c.state)
+        done = sa.and_(state == _CONSUMED, item.c.consumed_at < self.consumed_before)
+        if self.expired_before is None:
+            return done
+        unclaimed = sa.or_(state == _READY, item.c.lease_expires_at < self.now)
+        expired = sa.and_(state != _CONSUMED, item.c.created_at < self.expired_before, unclaimed)
+        return sa.or_(done, expired)
 
 
-def next_id(after_id: int) -> sa.Select[int | None]:
+def next_id(*, after_id: int) -> Bound:
     """The first id above ``after_id`` (a primary-key seek): purge windows skip id gaps."""
-    return sa.select(sa.func.min(item.c.id)).where(item.c.id > after_id)
+    return Bound(sa.select(sa.func.min(item.c.id)).where(item.c.id > after_id))
 
 
-def purge_window(condition: sa.ColumnElement[bool], first_id: int, width: int) -> sa.Select[int, str | None]:
+def purge_window(*, which: Purgeable, first_id: int, width: int) -> Bound:
     """Purgeable rows among ids ``[first_id, first_id + width)``.
 
     A bounded id window, not ``ORDER BY id LIMIT n``: with the latter a planner may pick
     the state index and sort every remaining row for each batch (quadratic, and on SQLite
     a write lock held for seconds); a primary-key range is cheap whatever the statistics.
     """
-    return sa.select(item.c.id, item.c.payload_uri).where(
-        item.c.id >= first_id, item.c.id < first_id + width, condition
-    )
+    condition = which.condition()
+    window = (item.c.id >= first_id, item.c.id < first_id + width)
+    return Bound(sa.select(item.c.id, item.c.payload_uri).where(*window, condition))
 
 
-def count_where(condition: sa.ColumnElement[bool]) -> sa.Select[int]:
-    return sa.select(sa.func.count()).where(condition)
+def count_purgeable(*, which: Purgeable) -> Bound:
+    return Bound(sa.select(sa.func.count()).where(which.condition()))
 
 
-def delete_where(ids: Sequence[int], condition: sa.ColumnElement[bool]) -> sa.Delete:
-    return sa.delete(item).where(item.c.id.in_(ids), condition)
+def delete_purgeable(*, which: Purgeable, ids: Sequence[int]) -> Bound:
+    """Those of ``ids`` still purgeable now: the condition is checked again as they are deleted."""
+    return Bound(sa.delete(item).where(item.c.id.in_(ids), which.condition()))
 
 
-def stored_payloads(
-    after_id: int, limit: int, with_consumed_blobs: bool
-) -> sa.Select[int, bytes | None, str | None, int, str | None]:
+def stored_payloads(*, after_id: int, limit: int, with_consumed_blobs: bool) -> Bound:
     """Rows whose stored payload key rotation rewrites, walking the primary key."""
     blob: sa.ColumnElement[bool] = item.c.payload_uri.is_not(None)
     if not with_consumed_blobs:
         blob = sa.and_(blob, item.c.state != _CONSUMED)
-    return (
-        sa.select(item.c.id, item.c.payload, item.c.payload_uri, item.c.payload_size, item.c.payload_sha256)
-        .where(item.c.id > after_id, sa.or_(item.c.payload.is_not(None), blob))
-        .order_by(item.c.id)
-        .limit(limit)
-    )
+    columns = (item.c.id, item.c.payload, item.c.payload_uri, item.c.payload_size, item.c.payload_sha256)
+    stmt = sa.select(*columns).where(item.c.id > after_id, sa.or_(item.c.payload.is_not(None), blob))
+    return Bound(stmt.order_by(item.c.id).limit(limit))
 
 
-def set_payload(item_id: int, old: bytes, new: bytes) -> sa.Update:
+def set_payload(*, item_id: int, old: bytes, new: bytes) -> Bound:
     """Compare-and-set: a row that changed meanwhile (consumed, replaced) is left alone."""
-    return sa.update(item).where(item.c.id == item_id, item.c.payload == old).values(payload=new, payload_size=len(new))
+    stmt = sa.update(item).where(item.c.id == item_id, item.c.payload == old)
+    return Bound(stmt.values(payload=new, payload_size=len(new)))
 
 
-def move_blob(old_uri: str, new_uri: str, size: int, sha256: str) -> sa.Update:
+def move_blob(*, old_uri: str, new_uri: str, size: int, sha256: str) -> Bound:
     """Point the rows of a blob at its rewritten copy, except claimed ones: their holder may
     be reading the old blob right now, so they move on a later run."""
-    return (
-        sa.update(item)
-        .where(item.c.payload_uri == old_uri, item.c.state != _CLAIMED)
-        .values(payload_uri=new_uri, payload_size=size, payload_sha256=sha256)
-    )
+    stmt = sa.update(item).where(item.c.payload_uri == old_uri, item.c.state != _CLAIMED)
+    return Bound(stmt.values(payload_uri=new_uri, payload_size=size, payload_sha256=sha256))
 
 
-def count_blob_rows(uri: str) -> sa.Select[int]:
-    return sa.select(sa.func.count()).where(item.c.payload_uri == uri)
+def count_blob_rows(*, uri: str) -> Bound:
+    return Bound(sa.select(sa.func.count()).where(item.c.payload_uri == uri))
 
 
-def stale_fences(cutoff: datetime, limit: int) -> sa.Select[str]:
+def stale_fences(*, cutoff: datetime, limit: int) -> Bound:
     """Fence rows of task instances not seen since ``cutoff``: no zombie comes back that late."""
-    return sa.select(fence.c.ti_key).where(fence.c.updated_at < cutoff).limit(limit)
+    return Bound(sa.select(fence.c.ti_key).where(fence.c.updated_at < cutoff).limit(limit))
 
 
-def delete_fences(ti_keys: Sequence[str], cutoff: datetime) -> sa.Delete:
-    return sa.delete(fence).where(fence.c.ti_key.in_(ti_keys), fence.c.updated_at < cutoff)
+def delete_fences(*, ti_keys: Sequence[str], cutoff: datetime) -> Bound:
+    return Bound(sa.delete(fence).where(fence.c.ti_key.in_(ti_keys), fence.c.updated_at < cutoff))
 
 
-def max_packet() -> sa.TextClause:
+def max_packet() -> Bound:
     """MySQL/MariaDB: the largest statement the server accepts."""
-    return sa.text("SELECT @@max_allowed_packet")
+    return Bound(sa.text("SELECT @@max_allowed_packet"))
 
 
-def get_meta(name: str) -> sa.Select[str]:
-    return sa.select(meta.c.value).where(meta.c.name == name)
+def get_meta(*, name: str) -> Bound:
+    return Bound(sa.select(meta.c.value).where(meta.c.name == name))
 
 
-def insert_meta(name: str, value: str) -> sa.Insert:
-    return sa.insert(meta).values(name=name, value=value)
-
-
-def update_meta(name: str, value: str) -> sa.Update:
-    return sa.update(meta).where(meta.c.name == name).values(value=value)
+def put_meta(*, dialect: str, name: str, value: str, overwrite: bool) -> Bound:
+    """One upsert of a meta row; without ``overwrite`` a value already there is kept (two
+    processes making the same row at once: the first one's stays, and neither fails)."""
+    if dialect == "postgresql":
+        pg = postgresql.insert(meta).values(name=name, value=value)
+        if overwrite:
+            return Bound(pg.on_conflict_do_update(index_elements=[meta.c.name], set_={"value": value}))
+        return Bound(pg.on_conflict_do_nothing(index_elements=[meta.c.name]))
+    if dialect in ("mysql", "mariadb"):
+        my = mysql.insert(meta).values(name=name, value=value)
+        return Bound(my.on_duplicate_key_update(value=value if overwrite else meta.c.value))
+    lite = sqlite.insert(meta).values(name=name, value=value)
+    if overwrite:
+        return Bound(lite.on_conflict_do_update(index_elements=[meta.c.name], set_={"value": value}))
+    return Bound(lite.on_conflict_do_nothing(index_elements=[meta.c.name]))
 
 
 # -- row-level security (PostgreSQL) -----------------------------------------------------------
@@ -755,7 +744,7 @@ TEAM_ROLE_PREFIX = "exclusive_xcom_team_"
 _MY_TEAMS = "split_part({column}, ':', 1) = ANY ((SELECT exclusive_xcom_my_teams())::text[])"
 
 
-def row_security() -> list[str]:
+def row_security() -> list[Bound]:
     """Statements that switch row-level security on (idempotent)."""
     statements = [
         # PL/pgSQL, not SQL: its query plan is kept for the session instead of made anew for
@@ -772,19 +761,19 @@ def row_security() -> list[str]:
             f"DROP POLICY IF EXISTS exclusive_xcom_team ON {table}",
             f"CREATE POLICY exclusive_xcom_team ON {table} USING ({mine}) WITH CHECK ({mine})",
         ]
-    return [
+    return _ddl(
         *statements,  # members read the schema version, nothing else of the meta table
         f"ALTER TABLE {meta.name} ENABLE ROW LEVEL SECURITY",
         f"DROP POLICY IF EXISTS exclusive_xcom_team ON {meta.name}",
         f"CREATE POLICY exclusive_xcom_team ON {meta.name} FOR SELECT USING (name = 'schema_version')",
-    ]
+    )
 
 
-def team_grants(team: str, login: str) -> list[str]:
+def team_grants(*, team: str, login: str) -> list[Bound]:
     """Make the team's role (if need be), give it the claim path's privileges, add ``login``
     (already quoted) to it. ``team`` is checked by the caller: lowercase letters, digits, ``_``."""
     role = f"{TEAM_ROLE_PREFIX}{team}"
-    return [
+    return _ddl(
         f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
         f"THEN CREATE ROLE {role} NOLOGIN; END IF; END $$",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {item.name}, {fence.name} TO {role}",
@@ -792,13 +781,19 @@ def team_grants(team: str, login: str) -> list[str]:
         f"DO $$ BEGIN EXECUTE 'GRANT USAGE ON SEQUENCE ' || pg_get_serial_sequence('{item.name}', 'id') "
         f"|| ' TO {role}'; END $$",
         f"GRANT {role} TO {login}",
-    ]
+    )
 
 
-def role_exists(role: str) -> sa.Select[int]:
-    return sa.select(sa.literal(1)).select_from(sa.text("pg_roles")).where(sa.text("rolname = :role")).params(role=role)
+def role_exists(*, role: str) -> Bound:
+    return Bound(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :role"), {"role": role})
+
+
+def _ddl(*statements: str) -> list[Bound]:
+    """Statements of fixed text; their colons (``::text[]`` casts) are not bind parameters."""
+    return [Bound(sa.text(statement.replace(":", r"\:"))) for statement in statements]
 
 
 def quoted(conn: sa.Connection, name: str) -> str:
-    """An identifier as this database quotes it (a role name is not a bind parameter)."""
+    """An identifier as this database quotes it (a role name is not a bind parameter);
+    the one helper here that returns text, not a statement."""
     return conn.dialect.identifier_preparer.quote(name)

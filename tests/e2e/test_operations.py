@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from exclusive_xcom.ledger import EACH, Ledger, Output, Production, create_engine
+from exclusive_xcom.ledger import EACH, Ledger, Output, Production, Written, create_engine
 from exclusive_xcom.payload import MAGIC
 from tests.integration.test_metrics import Listener
 
@@ -45,7 +45,7 @@ def test_big_payload_is_offloaded_encrypted_read_once_and_purged_by_the_maintena
 
     forgotten = Output("elsewhere", "manual__1", "export")  # two days unread: its consumer was never deployed
     ledger = Ledger(create_engine(ledger_url), clock=lambda: time.time() - 2 * 86400)
-    ledger.produce(Production(forgotten, 1, EACH, ("elsewhere/ingest",), [b"never read"]))
+    ledger.produce(Production(Written(forgotten, 1, EACH, ("elsewhere/ingest",)), [b"never read"]))
     ledger.engine.dispose()
 
     purged = airflow.test(

@@ -22,6 +22,7 @@ from exclusive_xcom.ledger import (
     Ledger,
     Output,
     Production,
+    Written,
     consumer_slot,
     create_engine,
 )
@@ -36,7 +37,7 @@ WAIT = 60.0  # the longest any child waits for its parent before giving up on it
 
 
 def request(limit: int) -> ClaimRequest:
-    return ClaimRequest(POOL, 1, ITEMS, SLOTS, limit=limit)
+    return ClaimRequest(Written(POOL, 1, ITEMS, SLOTS), limit=limit)
 
 
 def claimant(map_index: int = 0, try_number: int = 1) -> Claimant:
@@ -74,7 +75,7 @@ def hold_claims(url: str, map_index: int, try_number: int, limit: int, lease: fl
             return
         report: dict[str, Any] = {"event": "zombie"}
         report["finish"] = _outcome(lambda: ledger.finish(me, ids))
-        late = Production(Output(DAG, RUN, CONSUMER_TASK), try_number, ITEMS, ("x/y",), [b"late"])
+        late = Production(Written(Output(DAG, RUN, CONSUMER_TASK), try_number, ITEMS, ("x/y",)), [b"late"])
         report["finish_with_output"] = _outcome(lambda: ledger.finish(me, ids, [late]))
         report["release"] = _outcome(lambda: ledger.release(me, ids))
         report["extend_lease"] = _outcome(lambda: ledger.extend_lease(me, ids))
@@ -209,7 +210,7 @@ def produce_then_die(url: str, total: int, signal_at: int, reached: Any, out: An
     def body() -> None:
         ledger = Ledger(create_engine(url))
         try:
-            written = ledger.produce(Production(POOL, 1, ITEMS, SLOTS, payloads()))
+            written = ledger.produce(Production(Written(POOL, 1, ITEMS, SLOTS), payloads()))
         except LedgerUnavailableError as exc:
             out.put({"event": "unavailable", "error": str(exc)})
             return

@@ -17,8 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from exclusive_xcom.crypto import keyring_from
-from exclusive_xcom.ledger import Claimant, ClaimRequest, Ledger, Output, Production, consumer_slot
-from exclusive_xcom.ledger.ledger import Stored
+from exclusive_xcom.ledger import Claimant, ClaimRequest, Ledger, Output, Production, Stored, Written, consumer_slot
 from exclusive_xcom.ledger.schema import SCHEMA_VERSION, item
 from exclusive_xcom.payload import Codec
 from exclusive_xcom.storage import BlobStore
@@ -72,14 +71,14 @@ def production(
     mode: str, consumers: Iterable[str], payloads: Iterable[Any], *, output: Output = EXTRACT, generation: int = 1
 ) -> Production:
     """What ``output`` writes for the named consumer tasks (slots of :data:`DAG`)."""
-    return Production(output, generation, mode, tuple(slot(c) for c in consumers), payloads)
+    return Production(Written(output, generation, mode, tuple(slot(c) for c in consumers)), payloads)
 
 
 def request(
     mode: str, consumers: Iterable[str], *, output: Output = EXTRACT, generation: int = 1, limit: int = 100
 ) -> ClaimRequest:
     """A claim of ``output`` as the producer declared it (mode and consumer tasks)."""
-    return ClaimRequest(output, generation, mode, tuple(slot(c) for c in consumers), limit)
+    return ClaimRequest(Written(output, generation, mode, tuple(slot(c) for c in consumers)), limit)
 
 
 def rows(source: Ledger | sa.Engine) -> dict[int, dict[str, Any]]:

@@ -8,7 +8,16 @@ import time
 import pytest
 
 from exclusive_xcom.cli import main
-from exclusive_xcom.ledger import Claimant, ClaimRequest, Ledger, Output, Production, consumer_slot, create_engine
+from exclusive_xcom.ledger import (
+    Claimant,
+    ClaimRequest,
+    Ledger,
+    Output,
+    Production,
+    Written,
+    consumer_slot,
+    create_engine,
+)
 from exclusive_xcom.ledger.schema import SCHEMA_VERSION
 
 DAG, RUN = "cli_dag", "manual__1"
@@ -21,11 +30,11 @@ def seeded(ledger_url: str) -> str:
     ledger = Ledger(create_engine(ledger_url))
     ledger.migrate()
     out = Output(DAG, RUN, "producer")
-    ledger.produce(Production(out, 1, "items", (READER,), [b"a", b"bb", b"ccc"]))
+    ledger.produce(Production(Written(out, 1, "items", (READER,)), [b"a", b"bb", b"ccc"]))
     reader = Claimant(DAG, RUN, "reader")
-    first = ledger.claim(reader, [ClaimRequest(out, 1, "items", (READER,), limit=1)])
+    first = ledger.claim(reader, [ClaimRequest(Written(out, 1, "items", (READER,)), limit=1)])
     ledger.finish(reader, first.ids)
-    ledger.claim(reader, [ClaimRequest(out, 1, "items", (READER,), limit=1)])
+    ledger.claim(reader, [ClaimRequest(Written(out, 1, "items", (READER,)), limit=1)])
     return ledger_url
 
 
@@ -157,10 +166,10 @@ def forgotten(ledger_url: str) -> str:
     then = Ledger(engine, clock=lambda: time.time() - 2 * DAY)
     then.migrate()
     out = Output(DAG, RUN, "grp.forgotten")
-    then.produce(Production(out, 1, "each", (consumer_slot(DAG, "load"), consumer_slot(DAG, "audit")), [b"x"]))
+    then.produce(Production(Written(out, 1, "each", (consumer_slot(DAG, "load"), consumer_slot(DAG, "audit"))), [b"x"]))
     load = Claimant(DAG, RUN, "load")
-    then.finish(load, then.claim(load, [ClaimRequest(out, 1, "each", (consumer_slot(DAG, "load"),))]).ids)
-    Ledger(engine).produce(Production(Output(DAG, RUN, "fresh"), 1, "items", (READER,), [b"a", b"b"]))
+    then.finish(load, then.claim(load, [ClaimRequest(Written(out, 1, "each", (consumer_slot(DAG, "load"),)))]).ids)
+    Ledger(engine).produce(Production(Written(Output(DAG, RUN, "fresh"), 1, "items", (READER,)), [b"a", b"b"]))
     engine.dispose()
     return ledger_url
 

@@ -33,7 +33,7 @@ from exclusive_xcom.config import Settings
 from exclusive_xcom.crypto import keyring_from
 from exclusive_xcom.errors import LedgerUnavailableError
 from exclusive_xcom.handle import Handle
-from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, create_engine
+from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, Written, create_engine
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
 from exclusive_xcom.payload import Codec
 from exclusive_xcom.runtime import Env, Session
@@ -134,7 +134,7 @@ def clock() -> Callable[[], float]:
 
 def _produce(ledger: Ledger, n: int, output: Output = w.POOL, generation: int = 1) -> list[str]:
     payloads = [f"item-{i}" for i in range(n)]
-    assert ledger.produce(Production(output, generation, ITEMS, w.SLOTS, [p.encode() for p in payloads])) == n
+    assert ledger.produce(Production(Written(output, generation, ITEMS, w.SLOTS), [p.encode() for p in payloads])) == n
     return payloads
 
 
@@ -416,7 +416,7 @@ def test_a_producer_that_raises_half_way_writes_nothing(backend: str, ledger: Le
     fresh = Output(w.DAG, w.RUN, "produce_fresh")
     seen = [0]
     with pytest.raises(ProducerCrashed, match=f"crashed after {FAILING_AT} items"):
-        ledger.produce(Production(fresh, 1, ITEMS, w.SLOTS, _crashing(FAILING_TOTAL, FAILING_AT, seen)))
+        ledger.produce(Production(Written(fresh, 1, ITEMS, w.SLOTS), _crashing(FAILING_TOTAL, FAILING_AT, seen)))
     assert seen == [FAILING_AT], "the generator did not get half-way"
     assert _rows_of(ledger, fresh) == []
 
@@ -426,7 +426,7 @@ def test_a_producer_that_raises_half_way_writes_nothing(backend: str, ledger: Le
     early = _drain_n(ledger, w.claimant(0, 1), 3)
     before = _claim_state(_rows(ledger))
     with pytest.raises(ProducerCrashed):
-        ledger.produce(Production(w.POOL, 2, ITEMS, w.SLOTS, _crashing(FAILING_TOTAL, FAILING_AT, [0])))
+        ledger.produce(Production(Written(w.POOL, 2, ITEMS, w.SLOTS), _crashing(FAILING_TOTAL, FAILING_AT, [0])))
     assert _claim_state(_rows(ledger)) == before
     assert ledger.counts() == {CONSUMED: 3, READY: 7}
     rest = _drain(ledger, w.claimant(1, 1))
@@ -680,7 +680,7 @@ def test_a_finish_whose_outcome_cannot_be_checked_says_what_is_known(ledger: Led
 def test_a_producer_finish_of_unknown_outcome_says_what_a_retry_does(ledger: Ledger) -> None:
     me = Claimant(w.DAG, w.RUN, "enqueue", -1, 1)
     ledger.enter(me)
-    out = Production(Output(w.DAG, w.RUN, "enqueue"), 1, ITEMS, w.SLOTS, [b"a", b"b"])
+    out = Production(Written(Output(w.DAG, w.RUN, "enqueue"), 1, ITEMS, w.SLOTS), [b"a", b"b"])
     with _ack_and_server_lost(ledger) as committed, pytest.raises(LedgerUnavailableError) as info:
         ledger.finish(me, [], [out])
     assert committed, "the fault was not injected"

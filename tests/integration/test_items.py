@@ -9,8 +9,17 @@ import pytest
 import sqlalchemy as sa
 
 from exclusive_xcom.errors import PayloadError
-from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, create_engine
-from exclusive_xcom.ledger.ledger import Stored
+from exclusive_xcom.ledger import (
+    ITEMS,
+    Claimant,
+    ClaimRequest,
+    Ledger,
+    Output,
+    Production,
+    Stored,
+    Written,
+    create_engine,
+)
 from exclusive_xcom.ledger.schema import item
 from exclusive_xcom.runtime import Session
 
@@ -22,7 +31,7 @@ SLOTS = (f"{DAG}/work",)
 def drain(ledger: Ledger, claimant: Claimant, batch: int) -> list[Stored]:
     got: list[Stored] = []
     while True:
-        result = ledger.claim(claimant, [ClaimRequest(OUT, 1, ITEMS, SLOTS, limit=batch)])
+        result = ledger.claim(claimant, [ClaimRequest(Written(OUT, 1, ITEMS, SLOTS), limit=batch)])
         if not result.ids:
             return got
         got += [p for c in result.claims for p in c.payloads]
@@ -34,7 +43,7 @@ def test_items_of_mixed_sizes_keep_their_order_and_bytes(ledger_url: str) -> Non
     ledger.migrate()
     sizes = [0, 1, 1024, 3 * 1024 * 1024, 7, 65_536, 2, 1_000_000]
     payloads = [bytes([n % 251]) * size for n, size in enumerate(sizes)]
-    assert ledger.produce(Production(OUT, 1, ITEMS, SLOTS, iter(payloads))) == len(payloads)
+    assert ledger.produce(Production(Written(OUT, 1, ITEMS, SLOTS), iter(payloads))) == len(payloads)
     assert drain(ledger, Claimant(DAG, RUN, "work"), batch=3) == payloads
     assert ledger.counts() == {"consumed": len(payloads)}
 
@@ -42,7 +51,7 @@ def test_items_of_mixed_sizes_keep_their_order_and_bytes(ledger_url: str) -> Non
 def test_an_empty_iterable_is_an_empty_pool(ledger_url: str) -> None:
     ledger = Ledger(create_engine(ledger_url))
     ledger.migrate()
-    assert ledger.produce(Production(OUT, 1, ITEMS, SLOTS, iter(()))) == 0
+    assert ledger.produce(Production(Written(OUT, 1, ITEMS, SLOTS), iter(()))) == 0
     assert drain(ledger, Claimant(DAG, RUN, "work"), batch=10) == []
 
 
@@ -54,14 +63,14 @@ def test_a_million_items_stream_in_chunks_with_bounded_memory(tmp_path: Path) ->
     ledger = Ledger(create_engine(url))
     ledger.migrate()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    assert ledger.produce(Production(OUT, 1, ITEMS, SLOTS, (b"%d" % i for i in range(n)))) == n
+    assert ledger.produce(Production(Written(OUT, 1, ITEMS, SLOTS), (b"%d" % i for i in range(n)))) == n
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     # One statement for all rows would need about a gigabyte of parameters here.
     assert grown < 64, f"producing {n} items raised peak memory by {grown:.0f} MiB: not streamed in chunks"
 
     claimant = Claimant(DAG, RUN, "work")
     consumed = 0
-    while ids := ledger.claim(claimant, [ClaimRequest(OUT, 1, ITEMS, SLOTS, limit=10_000)]).ids:
+    while ids := ledger.claim(claimant, [ClaimRequest(Written(OUT, 1, ITEMS, SLOTS), limit=10_000)]).ids:
         ledger.finish(claimant, ids)
         consumed += len(ids)
     assert consumed == n

@@ -32,8 +32,8 @@ from exclusive_xcom.ledger import (
     ClaimResult,
     Ledger,
     Output,
+    Stored,
 )
-from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SCHEMA_VERSION
 from tests.conftest import FakeClock
 from tests.integration.conftest import DAG, EXTRACT, OTHER, RUN, inline, production, request, rows, slot, who

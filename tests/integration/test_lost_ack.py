@@ -20,9 +20,20 @@ from exclusive_xcom.config import Settings
 from exclusive_xcom.crypto import Keyring, keyring_from
 from exclusive_xcom.errors import LedgerUnavailableError
 from exclusive_xcom.handle import Handle
-from exclusive_xcom.ledger import EACH, ITEMS, ONE, Claimant, Finished, Ledger, Output, Production, consumer_slot
+from exclusive_xcom.ledger import (
+    EACH,
+    ITEMS,
+    ONE,
+    Claimant,
+    Finished,
+    Ledger,
+    Output,
+    Production,
+    Written,
+    consumer_slot,
+    inputs_key,
+)
 from exclusive_xcom.ledger.engine import create_engine
-from exclusive_xcom.ledger.ledger import inputs_key
 from exclusive_xcom.ledger.schema import CONSUMED, READY
 from exclusive_xcom.payload import Codec
 from exclusive_xcom.runtime import DoneBefore, Env, Session
@@ -52,7 +63,7 @@ def _produce_source(ledger: Ledger, keys: Keyring, mode: str, generation: int = 
     codec = Codec(keys, 1 << 20)
     values = VALUES[mode] if mode == ITEMS else [VALUES[mode]]
     payloads = [codec.encode(v, "unused") for v in values]
-    ledger.produce(Production(SOURCE, generation, mode, (MIDDLE,), payloads))
+    ledger.produce(Production(Written(SOURCE, generation, mode, (MIDDLE,)), payloads))
     return Handle(SOURCE, generation, mode, (MIDDLE,)).to_xcom(keys)
 
 

@@ -27,7 +27,7 @@ from airflow.sdk._shared.observability.metrics import stats as stats_impl
 from airflow.sdk.observability.metrics import stats_utils
 
 from exclusive_xcom import metrics
-from exclusive_xcom.ledger import ITEMS, Ledger, Output, Production, create_engine
+from exclusive_xcom.ledger import ITEMS, Ledger, Output, Production, Written, create_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +191,7 @@ def _seed_unread(ledger_url: str) -> None:
         ledger = Ledger(engine, clock=functools.partial(_ago, age))
         ledger.migrate()
         items = [b"a", b"b"] if task_id == "grp.extract" else [b"a"]
-        ledger.produce(Production(Output("etl", "r", task_id), 1, ITEMS, ("etl/load",), items))
+        ledger.produce(Production(Written(Output("etl", "r", task_id), 1, ITEMS, ("etl/load",)), items))
     engine.dispose()
 
 

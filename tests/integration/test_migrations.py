@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from exclusive_xcom import config
-from exclusive_xcom.errors import ClaimConflictError, LedgerUnavailableError
+from exclusive_xcom.errors import ClaimConflictError, LedgerError
 from exclusive_xcom.ledger import (
     ITEMS,
     Claimant,
@@ -23,11 +23,13 @@ from exclusive_xcom.ledger import (
     Ledger,
     Output,
     Production,
+    Written,
     consumer_slot,
     create_engine,
+    inputs_key,
 )
 from exclusive_xcom.ledger.engine import _engines
-from exclusive_xcom.ledger.ledger import RECORDED_SINCE, inputs_key
+from exclusive_xcom.ledger.migrations import RECORDED_SINCE
 from exclusive_xcom.ledger.schema import MIGRATIONS, RECORD_COLUMNS, SCHEMA_VERSION, fence, item, meta
 from tests.conftest import drop_ledger_database, new_ledger_database
 from tests.integration.conftest import rows as item_rows
@@ -39,7 +41,7 @@ CLAIMABLE_INDEX = "ix_exclusive_xcom_item_claimable"
 DAG, RUN = "migrate_dag", "manual__1"
 OUTPUT = Output(DAG, RUN, "produce")
 CONSUMERS = (consumer_slot(DAG, "drain"),)
-REQUEST = ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=5)
+REQUEST = ClaimRequest(Written(OUTPUT, 1, ITEMS, CONSUMERS), limit=5)
 MIGRATORS = 8
 
 
@@ -154,7 +156,7 @@ def _produce_as_v1(engine: sa.Engine, n: int) -> None:
 
 
 def _produce(ledger: Ledger, n: int) -> None:
-    assert ledger.produce(Production(OUTPUT, 1, ITEMS, CONSUMERS, [f"v-{i}".encode() for i in range(n)])) == n
+    assert ledger.produce(Production(Written(OUTPUT, 1, ITEMS, CONSUMERS), [f"v-{i}".encode() for i in range(n)])) == n
 
 
 def test_a_version_1_ledger_is_upgraded_in_place_keeping_its_rows(ledger_url: str) -> None:
@@ -182,7 +184,7 @@ def test_a_version_1_ledger_is_upgraded_in_place_keeping_its_rows(ledger_url: st
     # The claim made under version 1 is still good, and the rest can be drained.
     ledger.finish(holder, held)
     other = Claimant(DAG, RUN, "drain", map_index=1)
-    rest = ledger.claim(other, [ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=100)]).claims[0]
+    rest = ledger.claim(other, [ClaimRequest(Written(OUTPUT, 1, ITEMS, CONSUMERS), limit=100)]).claims[0]
     assert [text(p) for p in rest.payloads] == [f"v-{i}" for i in range(5, 12)]
     ledger.finish(other, rest.ids)
     assert ledger.counts() == {"consumed": 12}
@@ -213,7 +215,7 @@ def test_a_version_6_fence_learns_to_remember_finishes_keeping_its_rows(ledger_u
     with pytest.raises(ClaimConflictError, match="try 3 of the same task instance has begun"):
         ledger.enter(Claimant(DAG, RUN, "drain", map_index=0, try_number=2))  # its fence row survived
     _produce(ledger, 2)
-    held = ledger.claim(holder, [ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=100)]).ids
+    held = ledger.claim(holder, [ClaimRequest(Written(OUTPUT, 1, ITEMS, CONSUMERS), limit=100)]).ids
     ledger.finish(holder, held, inputs=[(OUTPUT, 1)])
     assert ledger.enter(Claimant(DAG, RUN, "drain", map_index=0, try_number=4)) == Finished(
         3, inputs_key([(OUTPUT, 1)])
@@ -261,9 +263,7 @@ def test_a_fresh_database_is_created_at_the_current_version(ledger_url: str) -> 
     ledger = Ledger(engine)
     assert not sa.inspect(engine).has_table(item.name)
     assert ledger.schema_version() == 0
-    with pytest.raises(
-        LedgerUnavailableError, match=r"^the claim ledger has no schema yet: run `exclusive-xcom db migrate`"
-    ):
+    with pytest.raises(LedgerError, match=r"^the claim ledger has no schema yet: run `exclusive-xcom db migrate`"):
         ledger.secret()
 
     assert ledger.migrate() == SCHEMA_VERSION

@@ -71,50 +71,66 @@ def _fill(engine: sa.Engine) -> None:
         conn.exec_driver_sql("ANALYZE" if engine.dialect.name == "postgresql" else f"ANALYZE TABLE {item.name}")
 
 
-def _statements(dialect: str) -> dict[str, Any]:
+def _statements(dialect: str) -> dict[str, q.Bound]:
     ids = [HISTORY + 1, HISTORY + 2]
-    ti_key = Claimant(*OWNER).ti_key
+    owner, retry = Claimant(*OWNER), Claimant(*OWNER, try_number=2)
     lease = NOW + timedelta(minutes=5)
     if dialect == "postgresql":  # the one-statement claim and consume (see queries.py)
-        consumers = json.dumps(["d/worker"])
+
+        def claim(slot: str | None, limit: int) -> q.Bound:
+            consumers = json.dumps(["d/worker"])
+            return q.claim_ready_now(
+                claimant=owner,
+                output_id=LIVE.output_id,
+                generation=1,
+                consumers=consumers,
+                slot=slot,
+                seq=0,
+                limit=limit,
+                now=NOW,
+                lease=lease,
+            )
+
         one_statement = {
-            "claim_ready_now": q.claim_ready_now(LIVE.output_id, 1, None, consumers, OWNER, 1, NOW, lease, ti_key, 100),
-            "claim_slot_now": q.claim_ready_now(
-                LIVE.output_id, 1, "d/worker", consumers, OWNER, 1, NOW, lease, ti_key, 1
-            ),
-            "consume_all_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key, "inputs"),
-            "consume_batch_now": q.consume_all_now(ids, OWNER, 1, NOW, ti_key, None),  # a stream's batch
+            "claim_ready_now": claim(None, 100),
+            "claim_slot_now": claim("d/worker", 1),
+            "consume_all_now": q.consume_all_now(claimant=owner, ids=ids, now=NOW, inputs="inputs", keep_payload=False),
+            # a stream's batch
+            "consume_batch_now": q.consume_all_now(claimant=owner, ids=ids, now=NOW, inputs=None, keep_payload=False),
         }
     else:
         one_statement = {}
-    purgeable = q.purgeable(NOW - timedelta(days=7), NOW - timedelta(days=60), NOW)
-    consumed_only = q.purgeable(NOW - timedelta(days=7), None, NOW)  # the default: no expire_after
+    purgeable = q.Purgeable(NOW - timedelta(days=7), NOW - timedelta(days=60), NOW)
+    consumed_only = q.Purgeable(NOW - timedelta(days=7), None, NOW)  # the default: no expire_after
+    first_ids = list(range(1, 1001))
     return {
-        "lock_slot": q.lock_slot(LIVE.output_id, 1, "d/worker"),  # mode each: one row per slot
-        "lock_ready": q.lock_ready(LIVE.output_id, 1, 100),
-        "lock_reclaimable": q.lock_reclaimable(LIVE.output_id, 1, OWNER, 2, NOW, 100),
-        "lock_own_earlier": q.lock_own_earlier(LIVE.output_id, 1, OWNER, 2, 100),
-        "mark_claimed": q.mark_claimed(ids, OWNER, 1, NOW, lease, ti_key),
-        "mark_consumed": q.mark_consumed(ids, OWNER, 1, NOW, ti_key),
-        "mark_finished": q.mark_finished(ti_key, 1, "inputs", NOW),
-        "extend_lease": q.extend_lease(ids, OWNER, 1, lease),
-        "release": q.release(ids, OWNER, 1),
-        "release_held": q.release_held(LIVE.output_id, 1, OWNER, 1),
-        "replace_unconsumed": q.replace_unconsumed(LIVE.output_id),
-        "next_id": q.next_id(0),
-        "purge_window": q.purge_window(purgeable, 1, 1000),
-        "purge_delete": q.delete_where(list(range(1, 1001)), purgeable),
-        "purge_window_consumed": q.purge_window(consumed_only, 1, 1000),
-        "purge_delete_consumed": q.delete_where(list(range(1, 1001)), consumed_only),
-        "waiting_by_producer": q.waiting_by_producer(NOW - timedelta(days=1)),
+        "lock_slot": q.lock_slot(output_id=LIVE.output_id, generation=1, slot="d/worker", seq=0),  # mode each
+        "lock_ready": q.lock_ready(output_id=LIVE.output_id, generation=1, limit=100),
+        "lock_reclaimable": q.lock_reclaimable(
+            claimant=retry, output_id=LIVE.output_id, generation=1, now=NOW, limit=100
+        ),
+        "lock_own_earlier": q.lock_own_earlier(claimant=retry, output_id=LIVE.output_id, generation=1, limit=100),
+        "mark_claimed": q.mark_claimed(claimant=owner, ids=ids, now=NOW, lease=lease),
+        "mark_consumed": q.mark_consumed(claimant=owner, ids=ids, now=NOW, keep_payload=False),
+        "mark_finished": q.mark_finished(claimant=owner, inputs="inputs", now=NOW),
+        "extend_lease": q.extend_lease(claimant=owner, ids=ids, lease=lease),
+        "release": q.release(claimant=owner, ids=ids),
+        "release_held": q.release_held(claimant=owner, output_id=LIVE.output_id, generation=1),
+        "replace_unconsumed": q.replace_unconsumed(output_id=LIVE.output_id),
+        "next_id": q.next_id(after_id=0),
+        "purge_window": q.purge_window(which=purgeable, first_id=1, width=1000),
+        "purge_delete": q.delete_purgeable(which=purgeable, ids=first_ids),
+        "purge_window_consumed": q.purge_window(which=consumed_only, first_id=1, width=1000),
+        "purge_delete_consumed": q.delete_purgeable(which=consumed_only, ids=first_ids),
+        "waiting_by_producer": q.waiting_by_producer(unread_before=NOW - timedelta(days=1)),
         "ls_unread": q.select_items(dag_id="d", task_id="live", unread_before=NOW - timedelta(days=1), limit=51),
         **one_statement,
     }
 
 
-def _plan(conn: sa.Connection, statement: sa.Executable | tuple[sa.Executable, dict[str, Any]]) -> str:
+def _plan(conn: sa.Connection, statement: q.Bound) -> str:
     """The plan of a statement exactly as the ledger sends it (rendered SQL and parameters)."""
-    stmt, values = statement if isinstance(statement, tuple) else (statement, {})
+    stmt, values = statement
     sqlite = conn.dialect.name == "sqlite"
     prefix = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
 

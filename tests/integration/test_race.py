@@ -28,6 +28,7 @@ from exclusive_xcom.ledger import (
     Ledger,
     Output,
     Production,
+    Written,
     consumer_slot,
     create_engine,
 )
@@ -58,7 +59,7 @@ def _drain_items(url: str, index: int, barrier: Any) -> dict[str, Any]:
     """Mapped instance ``drain[index]``: claim batches and finish them until none are left."""
     ledger = Ledger(create_engine(url))
     claimant = Claimant(DAG, RUN, "drain", map_index=index)
-    request = ClaimRequest(_items_output(), GENERATION, ITEMS, (consumer_slot(DAG, "drain"),), limit=BATCH)
+    request = ClaimRequest(Written(_items_output(), GENERATION, ITEMS, (consumer_slot(DAG, "drain"),)), limit=BATCH)
     barrier.wait(timeout=START_TIMEOUT)
     started = time.monotonic()
     consumed: list[tuple[int, str]] = []
@@ -166,11 +167,11 @@ def _consumers() -> tuple[str, ...]:
 
 
 def _one_request(n: int) -> ClaimRequest:
-    return ClaimRequest(_one_output(n), GENERATION, ONE, _consumers())
+    return ClaimRequest(Written(_one_output(n), GENERATION, ONE, _consumers()))
 
 
 def _each_request(n: int) -> ClaimRequest:
-    return ClaimRequest(_each_output(n), GENERATION, EACH, _consumers())
+    return ClaimRequest(Written(_each_output(n), GENERATION, EACH, _consumers()))
 
 
 # -- the parent's side ------------------------------------------------------------------------
@@ -253,10 +254,7 @@ def test_items_are_drained_by_8_processes_each_item_exactly_once(racers: Racers,
     expected = {f"item-{i}" for i in range(ITEM_COUNT)}
     produced = ledger.produce(
         Production(
-            _items_output(),
-            GENERATION,
-            ITEMS,
-            (consumer_slot(DAG, "drain"),),
+            Written(_items_output(), GENERATION, ITEMS, (consumer_slot(DAG, "drain"),)),
             [f"item-{i}".encode() for i in range(ITEM_COUNT)],
         )
     )
@@ -295,7 +293,7 @@ def test_items_are_drained_by_8_processes_each_item_exactly_once(racers: Racers,
 def test_one_mode_outputs_go_to_exactly_one_of_8_competing_processes(racers: Racers, ledger_url: str) -> None:
     ledger = _ledger(ledger_url)
     for n in range(ONE_OUTPUTS):
-        ledger.produce(Production(_one_output(n), GENERATION, ONE, _consumers(), [f"one-{n}".encode()]))
+        ledger.produce(Production(Written(_one_output(n), GENERATION, ONE, _consumers()), [f"one-{n}".encode()]))
 
     reports = racers.run("one", ledger_url)
 
@@ -331,7 +329,7 @@ def test_one_mode_outputs_go_to_exactly_one_of_8_competing_processes(racers: Rac
 def test_each_mode_8_processes_read_their_copy_once_then_never_again(racers: Racers, ledger_url: str) -> None:
     ledger = _ledger(ledger_url)
     for n in range(EACH_OUTPUTS):
-        ledger.produce(Production(_each_output(n), GENERATION, EACH, _consumers(), [f"each-{n}".encode()]))
+        ledger.produce(Production(Written(_each_output(n), GENERATION, EACH, _consumers()), [f"each-{n}".encode()]))
     assert ledger.counts() == {"ready": EACH_OUTPUTS * WORKERS}
 
     reports = racers.run("each", ledger_url)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from exclusive_xcom import config
 from exclusive_xcom.cli import main
 from exclusive_xcom.errors import ClaimConflictError, ConfigurationError, NotAuthorizedError, PayloadError
-from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, get_engine
+from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, Written, get_engine
 from exclusive_xcom.ledger.queries import TEAM_ROLE_PREFIX
 from exclusive_xcom.ledger.schema import SCHEMA_VERSION
 from exclusive_xcom.runtime import env, env_for, open_session
@@ -84,11 +84,15 @@ def world(ledger_url: str, capsys: pytest.CaptureFixture[str]) -> Iterator[World
         b = teams["b"]
         b_each = Output(HR, RUN, "extract", team=b.name)
         b_items = Output(HR, RUN, "queue", team=b.name)
-        b.ledger.produce(Production(b_each, 1, EACH, (f"{HR}/load",), [b'"secret payroll"']))
-        b.ledger.produce(Production(b_items, 1, ITEMS, (f"{HR}/work",), [f'"row {i}"'.encode() for i in range(10)]))
+        b.ledger.produce(Production(Written(b_each, 1, EACH, (f"{HR}/load",)), [b'"secret payroll"']))
+        b.ledger.produce(
+            Production(Written(b_items, 1, ITEMS, (f"{HR}/work",)), [f'"row {i}"'.encode() for i in range(10)])
+        )
         b.ledger.enter(b.claimant(HR, "load"))
         a = teams["a"]
-        a.ledger.produce(Production(Output(SALES, RUN, "extract", team=a.name), 1, EACH, (f"{SALES}/load",), [b"1"]))
+        a.ledger.produce(
+            Production(Written(Output(SALES, RUN, "extract", team=a.name), 1, EACH, (f"{SALES}/load",)), [b"1"])
+        )
         yield World(ledger_url, a, b, b_each, b_items, b.claimant(HR, "load").ti_key)
     finally:
         for made in teams.values():
@@ -193,8 +197,8 @@ def test_team_a_through_the_package_internals_gets_nothing_of_team_b(world: Worl
     a, b = world.a, world.b
     before = _snapshot(world)
     forged = b.claimant(HR, "load")  # B's real consumer, as A makes it up
-    each = ClaimRequest(world.b_each, 1, EACH, (f"{HR}/load",))
-    items = ClaimRequest(world.b_items, 1, ITEMS, (f"{HR}/work",))
+    each = ClaimRequest(Written(world.b_each, 1, EACH, (f"{HR}/load",)))
+    items = ClaimRequest(Written(world.b_items, 1, ITEMS, (f"{HR}/work",)))
     with pytest.raises(PayloadError, match="no ledger item matches this handle"):
         a.ledger.claim(forged, [each])
     assert a.ledger.claim(b.claimant(HR, "work"), [items]).ids == []
@@ -206,10 +210,10 @@ def test_team_a_through_the_package_internals_gets_nothing_of_team_b(world: Worl
     assert a.ledger.release_any(b_ids) == 0
     assert a.ledger.forget(world.b_each, 1) == []
     with pytest.raises(NotAuthorizedError):
-        a.ledger.produce(Production(world.b_each, 2, EACH, (f"{HR}/load",), [b'"poison"']))
+        a.ledger.produce(Production(Written(world.b_each, 2, EACH, (f"{HR}/load",)), [b'"poison"']))
     # Writing under its own team's name instead: another key, so B's consumers never see it.
     as_a = Output(HR, RUN, "extract", team=a.name)
-    a.ledger.produce(Production(as_a, 2, EACH, (f"{HR}/load",), [b'"poison"']))
+    a.ledger.produce(Production(Written(as_a, 2, EACH, (f"{HR}/load",)), [b'"poison"']))
     assert as_a.output_id != world.b_each.output_id
     assert _snapshot(world) == before
     _b_reads_everything_once(world)
@@ -268,11 +272,11 @@ def _snapshot(world: World) -> list[tuple[Any, ...]]:
 def _b_reads_everything_once(world: World) -> None:
     b = world.b
     load = b.claimant(HR, "load")
-    (claimed,) = b.ledger.claim(load, [ClaimRequest(world.b_each, 1, EACH, (f"{HR}/load",))]).claims
+    (claimed,) = b.ledger.claim(load, [ClaimRequest(Written(world.b_each, 1, EACH, (f"{HR}/load",)))]).claims
     assert claimed.payloads == [b'"secret payroll"']
     b.ledger.finish(load, claimed.ids)
     work = b.claimant(HR, "work")
-    (queue,) = b.ledger.claim(work, [ClaimRequest(world.b_items, 1, ITEMS, (f"{HR}/work",))]).claims
+    (queue,) = b.ledger.claim(work, [ClaimRequest(Written(world.b_items, 1, ITEMS, (f"{HR}/work",)))]).claims
     assert queue.payloads == [f'"row {i}"'.encode() for i in range(10)]
     b.ledger.finish(work, queue.ids)
     assert {r["state"] for r in b.ledger.items()} == {"consumed"}

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from exclusive_xcom import config
 from exclusive_xcom.errors import ConfigurationError, PayloadError
-from exclusive_xcom.ledger import EACH, ITEMS, Ledger, Offloaded, Production, get_engine
+from exclusive_xcom.ledger import EACH, ITEMS, Ledger, Offloaded, Production, Written, get_engine
 from exclusive_xcom.ledger.schema import meta
 from exclusive_xcom.runtime import env_for, open_session
 
@@ -119,7 +119,7 @@ def test_payloads_never_exceed_the_servers_packet_limit(
     big = current.codec.encode("x" * (12 << 20), "f", EXTRACT.ref())
     assert isinstance(big, Offloaded), "a payload one statement cannot carry goes to object storage"
     many = [b"y" * 100_000] * 300  # 30 MB of inline items: one 1000-row INSERT would be 30 MB
-    assert current.ledger.produce(Production(EXTRACT, 1, ITEMS, ("etl/work",), many)) == 300
+    assert current.ledger.produce(Production(Written(EXTRACT, 1, ITEMS, ("etl/work",)), many)) == 300
     (claimed,) = current.ledger.claim(who("work"), [request(ITEMS, ["work"], limit=1000)]).claims
     assert claimed.payloads == many
     assert current.codec.decode(big) == "x" * (12 << 20)

@@ -50,6 +50,7 @@ from exclusive_xcom.ledger import (
     Ledger,
     Output,
     Production,
+    Written,
     consumer_slot,
     create_engine,
 )
@@ -242,7 +243,7 @@ def machine_for(ledger: Ledger, clock: FakeClock) -> type[RuleBasedStateMachine]
             if not requests:
                 return
             expected = self.predict_claim(ci, t, requests, limit)
-            reqs = [ClaimRequest(Output(DAG, self.run, n), g, OUTPUTS[n], SLOTS, limit) for n, g in requests]
+            reqs = [ClaimRequest(Written(Output(DAG, self.run, n), g, OUTPUTS[n], SLOTS), limit) for n, g in requests]
             try:
                 result = ledger.claim(self.claimant(ci, t), reqs)
             except ExclusiveXComError as exc:
@@ -325,7 +326,7 @@ def machine_for(ledger: Ledger, clock: FakeClock) -> type[RuleBasedStateMachine]
         def produce(self, name: str, n: int) -> None:
             mode, gen = OUTPUTS[name], self.generation[name] + 1
             payloads = [f"{name}/{gen}/{s}".encode() for s in range(n)] if mode == ITEMS else [f"{name}/{gen}".encode()]
-            count = ledger.produce(Production(Output(DAG, self.run, name), gen, mode, SLOTS, payloads))
+            count = ledger.produce(Production(Written(Output(DAG, self.run, name), gen, mode, SLOTS), payloads))
             self.shape[name] = (
                 [(SHARED_SLOT, s) for s in range(n)]
                 if mode == ITEMS

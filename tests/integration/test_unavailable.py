@@ -22,6 +22,7 @@ from exclusive_xcom.ledger import (
     Ledger,
     Output,
     Production,
+    Written,
     consumer_slot,
     create_engine,
 )
@@ -49,11 +50,11 @@ DEAD = {
 
 
 def _request(limit: int = 100) -> ClaimRequest:
-    return ClaimRequest(OUTPUT, 1, ITEMS, CONSUMERS, limit=limit)
+    return ClaimRequest(Written(OUTPUT, 1, ITEMS, CONSUMERS), limit=limit)
 
 
 def _production(n: int) -> Production:
-    return Production(OUTPUT, 1, ITEMS, CONSUMERS, [f"p-{i}".encode() for i in range(n)])
+    return Production(Written(OUTPUT, 1, ITEMS, CONSUMERS), [f"p-{i}".encode() for i in range(n)])
 
 
 def _fails_unavailable(call: Callable[[], Any], shown_url: str) -> LedgerUnavailableError:
@@ -182,7 +183,7 @@ def test_a_connection_killed_in_the_middle_of_a_claim_claims_nothing(
     assert ledger.produce(_production(5)) == 5
     one = Output(DAG, RUN, "produce_one")
     one_consumers = tuple(consumer_slot(DAG, f"c{i}") for i in range(2))
-    ledger.produce(Production(one, 1, ONE, one_consumers, [b"only-one"]))
+    ledger.produce(Production(Written(one, 1, ONE, one_consumers), [b"only-one"]))
 
     admin = admin_engine(SERVERS[backend])
     blocker = admin_engine(ledger.engine.url.render_as_string(hide_password=False)).connect()
@@ -233,7 +234,7 @@ def test_a_connection_killed_in_the_middle_of_a_claim_claims_nothing(
     assert [text(p) for p in got.payloads] == [f"p-{i}" for i in range(5)]
     ledger.finish(WORKER, got.ids)
     winner = Claimant(DAG, RUN, "c0")
-    won = ledger.claim(winner, [ClaimRequest(one, 1, ONE, one_consumers)])
+    won = ledger.claim(winner, [ClaimRequest(Written(one, 1, ONE, one_consumers))])
     assert won.lost == [] and won.claims[0].payloads == [b"only-one"]
     ledger.finish(winner, won.ids)
     assert ledger.counts() == {"consumed": 6}

@@ -1,0 +1,165 @@
+"""The database-error boundary: every ledger transaction runs here, and no driver error leaves.
+
+Errors are recognised by the code the server or driver gives, never by message text:
+
+* retryable — a deadlock or a serialization failure (PostgreSQL SQLSTATE 40P01, 40001),
+  MySQL/MariaDB's deadlock and lock-wait timeout (1213, 1205), SQLite busy or locked: the
+  transaction is run again, a bounded number of times;
+* refused — a missing privilege or a row-level-security policy (SQLSTATE 42501, MySQL
+  1142/1143): :class:`NotAuthorizedError`;
+* a constraint — :class:`LedgerIntegrityError`; any other statement the server refused
+  (a missing table, a value too long): :class:`LedgerError`; both changed nothing;
+* anything else (a connection refused, dropped, timed out): :class:`LedgerUnavailableError`,
+  saying whether the step may have committed before the connection went.
+
+Every message names the ledger without its password and, where the caller passed one, the
+item involved; the driver's error stays chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import TypeVar
+
+import sqlalchemy as sa
+
+from exclusive_xcom.errors import (
+    ExclusiveXComError,
+    ItemRef,
+    LedgerError,
+    LedgerIntegrityError,
+    LedgerUnavailableError,
+    NotAuthorizedError,
+)
+from exclusive_xcom.ledger import queries as q
+
+_T = TypeVar("_T")
+ROLLED_BACK = "this step changed nothing (it never reached its commit)"
+UNKNOWN_OUTCOME = "the connection failed while this step committed, so whether it took effect is unknown"
+#: How often a transaction that lost a deadlock or a lock wait is run in all.
+ATTEMPTS = 3
+
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+_RETRY_MYSQL = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
+_RETRY_SQLITE = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
+_REFUSED_SQLSTATES = frozenset({"42501"})  # insufficient_privilege (and row-level security)
+_REFUSED_MYSQL = frozenset({1142, 1143})  # ER_TABLEACCESS_DENIED_ERROR, ER_COLUMNACCESS_DENIED_ERROR
+
+
+class Transactions:
+    """Runs the ledger's transactions on an engine the caller owns (see the module's rules)."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        lease_seconds: float = 300.0,
+        keep_consumed_payloads: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        #: Retention: keep a consumed item's payload (and blob) until ``purge`` deletes the row.
+        self.keep_consumed_payloads = keep_consumed_payloads
+        self._clock = clock
+        #: PostgreSQL claims and consumes in single autocommit statements where it can (see
+        #: "one statement each" in :mod:`~exclusive_xcom.ledger.queries`); elsewhere, and for
+        #: everything else, a transaction.
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else None
+        )
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), tz=timezone.utc).replace(tzinfo=None)
+
+    def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None, *, autocommit: bool = False) -> _T:
+        """Run ``tx`` in one transaction (or, ``autocommit``, each statement in its own);
+        run it again after a deadlock, translate every driver error."""
+        for attempt in range(1, ATTEMPTS + 1):
+            sent = False  # whether a COMMIT (or an autocommitted statement) may have reached the server
+            try:
+                if autocommit and self._autocommit is not None:
+                    with self._autocommit.connect() as conn:
+                        sent = True
+                        return tx(conn)
+                with self.engine.begin() as conn:
+                    result = tx(conn)
+                    sent = True  # leaving the block commits
+                return result
+            except sa.exc.DBAPIError as exc:
+                if is_retryable(exc) and attempt < ATTEMPTS:
+                    time.sleep(0.05 * attempt)
+                    continue
+                raise self._translate(exc, sent, ref) from exc
+            except sa.exc.TimeoutError as exc:
+                raise LedgerUnavailableError(
+                    f"no connection to the claim ledger at {self.safe_url} within the pool timeout; {ROLLED_BACK}",
+                    ref,
+                ) from exc
+        raise AssertionError("unreachable")
+
+    def _translate(self, exc: sa.exc.DBAPIError, sent: bool, ref: ItemRef | None) -> ExclusiveXComError:
+        """The library's error for a driver error (see the module's rules)."""
+        if is_refused(exc):
+            return NotAuthorizedError(
+                f"the claim ledger at {self.safe_url} refused this as user {self.engine.url.username!r}: "
+                f"{first_line(exc.orig)} (row-level security gives each team's role its own team's items "
+                "only); nothing was changed",
+                ref,
+            )
+        if isinstance(exc, sa.exc.IntegrityError):
+            return LedgerIntegrityError(self._failure(exc, "a constraint refused it; nothing was changed"), ref)
+        if isinstance(exc, sa.exc.ProgrammingError | sa.exc.DataError) or _is_sqlite_error(exc):
+            return LedgerError(self._failure(exc, f"the server refused the statement; {ROLLED_BACK}"), ref)
+        error = LedgerUnavailableError(self._failure(exc, UNKNOWN_OUTCOME if sent else ROLLED_BACK), ref)
+        error.maybe_committed = sent
+        return error
+
+    def _failure(self, exc: BaseException, outcome: str) -> str:
+        """The message of a driver error: which ledger (no password), what failed, what is known."""
+        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        return f"the claim ledger at {self.safe_url} failed: {first_line(cause)}; {outcome}"
+
+    @property
+    def safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def _unneeded(self, conn: sa.Connection, uris: Sequence[str]) -> list[str]:
+        """Which blobs no row needs any more (a blob may be shared by the slots of one output)."""
+        uris = list(dict.fromkeys(uris))
+        if not uris:
+            return []
+        needed = set(conn.execute(*q.needed_uris(uris=uris, keep_consumed=self.keep_consumed_payloads)).scalars())
+        return [u for u in uris if u not in needed]
+
+
+def is_retryable(exc: sa.exc.DBAPIError) -> bool:
+    """A deadlock, serialization failure, lock-wait timeout or busy database, by its code."""
+    sqlstate, errno, sqlite_code = _codes(exc.orig)
+    return sqlstate in _RETRY_SQLSTATES or errno in _RETRY_MYSQL or (sqlite_code & 0xFF) in _RETRY_SQLITE
+
+
+def is_refused(exc: sa.exc.DBAPIError) -> bool:
+    """A missing privilege or a row-level-security policy, by its code."""
+    sqlstate, errno, _ = _codes(exc.orig)
+    return sqlstate in _REFUSED_SQLSTATES or errno in _REFUSED_MYSQL
+
+
+def _is_sqlite_error(exc: sa.exc.DBAPIError) -> bool:
+    """SQLite's generic SQLITE_ERROR (1): a missing table or column, a bad statement. It
+    arrives as an OperationalError, like a real outage would, so only the code tells them apart."""
+    return (_codes(exc.orig)[2] & 0xFF) == 1
+
+
+def _codes(orig: BaseException | None) -> tuple[str | None, int | None, int]:
+    """(SQLSTATE from psycopg, MySQL error number from PyMySQL/mysqlclient, SQLite result code)."""
+    sqlstate = getattr(orig, "sqlstate", None)
+    args = getattr(orig, "args", ())
+    errno = args[0] if args and isinstance(args[0], int) and not hasattr(orig, "sqlite_errorcode") else None
+    return sqlstate, errno, int(getattr(orig, "sqlite_errorcode", 0) or 0)
+
+
+def first_line(exc: BaseException | None) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
