@@ -103,10 +103,14 @@ class Transactions:
     def _translate(self, exc: sa.exc.DBAPIError, sent: bool, ref: ItemRef | None) -> ExclusiveXComError:
         """The library's error for a driver error (see the module's rules)."""
         if is_refused(exc):
+            why = (
+                "row-level security gives each team's role its own team's items only"
+                if self.engine.dialect.name == "postgresql"
+                else "the ledger's tables need SELECT, INSERT, UPDATE and DELETE"
+            )
             return NotAuthorizedError(
                 f"the claim ledger at {self.safe_url} refused this as user {self.engine.url.username!r}: "
-                f"{first_line(exc.orig)} (row-level security gives each team's role its own team's items "
-                "only); nothing was changed",
+                f"{first_line(exc.orig)} ({why}); nothing was changed",
                 ref,
             )
         if isinstance(exc, sa.exc.IntegrityError):
