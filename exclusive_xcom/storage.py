@@ -28,6 +28,18 @@ log = logging.getLogger("exclusive_xcom")
 
 READ_CHUNK = 1 << 20
 SUFFIX = ".blob"
+#: The Airflow provider that registers each object-storage scheme, for the error that names it.
+PROVIDERS = {
+    "s3": "apache-airflow-providers-amazon",
+    "s3a": "apache-airflow-providers-amazon",
+    "gs": "apache-airflow-providers-google",
+    "gcs": "apache-airflow-providers-google",
+    "abfs": "apache-airflow-providers-microsoft-azure",
+    "abfss": "apache-airflow-providers-microsoft-azure",
+    "adl": "apache-airflow-providers-microsoft-azure",
+}
+#: Executors whose tasks all run on the scheduler's machine, so a local folder is shared.
+ONE_MACHINE_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
 
 
 def default_base() -> str:
@@ -46,6 +58,14 @@ class BlobStore:
             self.base: Any = ObjectStoragePath(self.uri)
         except Exception as exc:  # fsspec raises many types for an unknown scheme or bad URI
             raise ConfigurationError(f"[exclusive_xcom] offload_path {self.uri!r} is not usable: {exc}") from exc
+        try:
+            self.base.fs  # noqa: B018 -- made here, not at the first write: a missing provider fails now
+        except ValueError as exc:  # "No filesystem registered for scheme s3"
+            provider = PROVIDERS.get(self.base.protocol, "the Airflow provider that registers it")
+            raise ConfigurationError(
+                f"[exclusive_xcom] offload_path {self.uri!r} needs a filesystem for {self.base.protocol}://: "
+                f"install {provider} on every host that runs tasks"
+            ) from exc
 
     def write(self, folder: str, chunks: Iterable[bytes], ref: ItemRef | None = None) -> Offloaded:
         """Stream ``chunks`` into a new blob under ``folder``; returns its URI, size and digest."""
@@ -117,3 +137,20 @@ class BlobStore:
             stamp = path.name.split("-", 1)[0]
             if stamp.isdigit() and int(stamp) < limit_ms:
                 yield str(path)
+
+
+def not_shared(uri: str, executor: str) -> str | None:
+    """Why a local ``offload_path`` may not reach every task (None: it does, or is not local).
+
+    A blob written by a worker on one host must be readable by a consumer on another; a
+    ``file://`` folder is that only when every task runs on one machine, or when the
+    folder is a network mount on every host, which nothing here can check: so a warning.
+    """
+    executors = {name.strip().rsplit(".", 1)[-1].split(":")[-1] for name in executor.split(",") if name.strip()}
+    if not uri.startswith(("file://", "local://", "/")) or executors <= ONE_MACHINE_EXECUTORS:
+        return None
+    return (
+        f"[exclusive_xcom] offload_path {uri!r} is a local folder but [core] executor is {executor!r}: a payload "
+        "offloaded on one host cannot be read on another unless that folder is shared storage mounted on every "
+        "host; use object storage (s3://, gs://, ...)"
+    )

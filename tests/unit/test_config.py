@@ -120,3 +120,35 @@ def test_an_unusable_offload_path_is_refused_by_name() -> None:
 
     with pytest.raises(ConfigurationError, match=r"offload_path 'nosuchscheme://bucket/x' is not usable"):
         BlobStore("nosuchscheme://bucket/x")
+
+
+def test_an_object_store_without_its_provider_is_refused_naming_the_provider() -> None:
+    """No Google provider here: a gs:// path fails when the store is made, not at the first write."""
+    from exclusive_xcom.storage import BlobStore
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"offload_path 'gs://bucket/x' needs a filesystem for gs://: install apache-airflow-providers-google",
+    ):
+        BlobStore("gs://bucket/x")
+
+
+@pytest.mark.parametrize(
+    ("uri", "executor", "warned"),
+    [
+        ("file:///shared/blobs", "CeleryExecutor", True),
+        ("/shared/blobs", "airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor", True),
+        ("file:///shared/blobs", "LocalExecutor,CeleryExecutor", True),
+        ("file:///shared/blobs", "LocalExecutor", False),
+        ("s3://aws_default@bucket/blobs", "CeleryExecutor", False),
+    ],
+)
+def test_a_local_offload_folder_under_a_many_host_executor_is_warned_about(
+    uri: str, executor: str, warned: bool
+) -> None:
+    from exclusive_xcom.storage import not_shared
+
+    warning = not_shared(uri, executor)
+    assert (warning is not None) == warned
+    if warning:
+        assert uri in warning and "cannot be read on another" in warning
