@@ -130,7 +130,7 @@ def check_reader(value: Mapping[str, Any]) -> None:
     from exclusive_xcom import handle as handles
     from exclusive_xcom.errors import NotAuthorizedError
     from exclusive_xcom.ledger import consumer_slot
-    from exclusive_xcom.runtime import env
+    from exclusive_xcom.wiring import env
 
     h = handles.parse(value, env().keyring)  # a forged handle is refused (PayloadError) before anything else
     ti = context["ti"]

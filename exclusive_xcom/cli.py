@@ -21,7 +21,7 @@ from exclusive_xcom.ledger import Ledger
 from exclusive_xcom.ledger.schema import CONSUMED, STATES
 
 if TYPE_CHECKING:
-    from exclusive_xcom.runtime import Env
+    from exclusive_xcom.wiring import Env
 
 LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
 UNREAD_COLUMNS = ("dag_id", "task_id", "unread", "waiting", "oldest")
@@ -281,7 +281,7 @@ def _start_airflow() -> None:
 
 def _env(args: argparse.Namespace) -> Env:
     from exclusive_xcom.config import load_settings
-    from exclusive_xcom.runtime import env_for
+    from exclusive_xcom.wiring import env_for
 
     _start_airflow()
     settings = load_settings()

@@ -3,8 +3,8 @@
 Options are read through Airflow's configuration, so ``AIRFLOW__EXCLUSIVE_XCOM__<OPTION>``
 environment variables work as for any Airflow setting. The ledger database is, in order:
 ``sql_alchemy_conn``, the Airflow connection ``conn_id``, or an SQLite file under
-``$AIRFLOW_HOME``. Each process builds one engine per URL and migrates the schema once,
-so the claim path never checks the schema again.
+``$AIRFLOW_HOME``. What a process builds from the options (engine, keys, codec) is
+:mod:`exclusive_xcom.wiring`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,9 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from exclusive_xcom.crypto import Keyring, keyring_from
 from exclusive_xcom.errors import ConfigurationError, ItemRef
-from exclusive_xcom.ledger import Ledger, get_engine
 
 SECTION = "exclusive_xcom"
 
@@ -265,48 +262,3 @@ def _check_url(url: str, source: str) -> None:
         sa.make_url(url)
     except sa.exc.ArgumentError as exc:
         raise ConfigurationError(f"{source} is not a SQLAlchemy URL: {url!r} ({exc})") from exc
-
-
-_ready: set[str] = set()
-_ready_lock = threading.Lock()
-
-
-def get_ledger(settings: Settings | None = None) -> Ledger:
-    """The ledger of this configuration, its schema made or upgraded once per process."""
-    settings = settings or load_settings()
-    try:
-        engine = get_engine(settings.url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise ConfigurationError(
-            f"cannot open the claim ledger at {settings.url!r}: {exc}{_driver_hint(settings.url)}"
-        ) from None  # one line: the driver's import traceback says nothing more
-    ledger = Ledger(
-        engine, lease_seconds=settings.lease_seconds, keep_consumed_payloads=settings.keep_consumed_payloads
-    )
-    with _ready_lock:
-        if settings.url not in _ready:
-            ledger.migrate()
-            _ready.add(settings.url)
-    return ledger
-
-
-def _driver_hint(url: str) -> str:
-    """What to install or write instead, when the URL names a driver that is not there."""
-    scheme = url.split(":", 1)[0].lower()
-    if scheme.startswith("postgres"):
-        return "; the PostgreSQL driver is psycopg 3: pip install 'exclusive-xcom[postgres]', URL postgresql+psycopg://"
-    if scheme.startswith(("mysql", "mariadb")):
-        return "; the MySQL/MariaDB driver is PyMySQL: pip install 'exclusive-xcom[mysql]', URL mysql+pymysql://"
-    return ""
-
-
-def keyring(settings: Settings, ledger: Ledger) -> Keyring:
-    """Keys of this configuration. The ledger's own signing key is read (made, the first
-    time) only when no key is configured and plaintext is allowed: the ledger never holds
-    a key beside the data it protects unless the configuration says so."""
-    configured = keyring_from(settings.secret_key, settings.fernet_key, allow_plaintext=settings.allow_plaintext)
-    if settings.teams.patterns and not configured.encrypts:
-        raise ConfigurationError(f"[{SECTION}] teams needs a key: set [{SECTION}] secret_key, one per team")
-    if configured.encrypts or not settings.allow_plaintext:
-        return configured  # without any key, the first produce (or handle check) names the two ways to set one
-    return keyring_from("", "", ledger.secret(), allow_plaintext=True)

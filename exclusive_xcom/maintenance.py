@@ -69,7 +69,7 @@ def run_retention(older_than: str = "", expired_after: str = "", dry_run: bool =
     """Purge with this process's configuration: ``retention`` and ``expire_after`` unless
     overridden (durations such as ``7d``); what the maintenance DAG runs."""
     from exclusive_xcom.config import parse_duration
-    from exclusive_xcom.runtime import env
+    from exclusive_xcom.wiring import env
 
     current = env()
     older = parse_duration(older_than, "older_than") if older_than else current.settings.retention
@@ -102,7 +102,7 @@ def stats(ledger: Ledger, unread_after: timedelta) -> dict[str, Any]:
 
 def run_stats() -> dict[str, Any]:
     """:func:`stats` with this process's configuration; what the maintenance DAG reports after its purge."""
-    from exclusive_xcom.runtime import env
+    from exclusive_xcom.wiring import env
 
     current = env()
     return stats(current.ledger, current.settings.unread_after)

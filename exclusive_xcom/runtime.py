@@ -20,8 +20,7 @@ from typing import Any
 
 from exclusive_xcom import handle as handles
 from exclusive_xcom import metrics
-from exclusive_xcom.config import Settings, get_ledger, keyring, load_settings
-from exclusive_xcom.crypto import Keyring
+from exclusive_xcom.config import load_settings
 from exclusive_xcom.errors import (
     ConfigurationError,
     ExclusiveXComError,
@@ -38,15 +37,13 @@ from exclusive_xcom.ledger import (
     ClaimRequest,
     ClaimResult,
     Finished,
-    Ledger,
     Offloaded,
     Output,
     Production,
 )
 from exclusive_xcom.ledger.ledger import Stored
-from exclusive_xcom.payload import Codec
-from exclusive_xcom.storage import BlobStore
 from exclusive_xcom.stream import ItemStream
+from exclusive_xcom.wiring import Env, env, env_for
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -54,41 +51,6 @@ log = logging.getLogger("exclusive_xcom")
 #: is unreachable: long enough to outlast a server restart (the likely cause of the failure),
 #: short enough not to hold up the task's end for long. After that, the lease frees them.
 RELEASE_PATIENCE = 15.0
-
-
-@dataclass(frozen=True)
-class Env:
-    settings: Settings
-    ledger: Ledger
-    keyring: Keyring
-    codec: Codec
-
-
-@lru_cache(maxsize=4)
-def env_for(settings: Settings) -> Env:
-    ledger = get_ledger(settings)
-    keys = keyring(settings, ledger)
-    store = lambda: BlobStore(settings.offload_path or None)  # noqa: E731 -- made on first offload
-    return Env(settings, ledger, keys, Codec(keys, _threshold(settings, ledger), store))
-
-
-def _threshold(settings: Settings, ledger: Ledger) -> int:
-    """``offload_threshold_bytes``, capped to what one statement of this ledger may carry."""
-    limit = ledger.inline_limit
-    if limit is None or settings.offload_threshold_bytes <= limit:
-        return settings.offload_threshold_bytes
-    log.warning(
-        "exclusive_xcom: offload_threshold_bytes (%d) is above what one statement of this ledger may carry "
-        "(max_allowed_packet); payloads above %d bytes go to object storage instead",
-        settings.offload_threshold_bytes,
-        limit,
-    )
-    return limit
-
-
-def env() -> Env:
-    """Settings, ledger, keys and payload codec of this process (built once per configuration)."""
-    return env_for(load_settings())
 
 
 def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] = ()) -> Session:
