@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
-from exclusive_xcom.decorator import _resolve_conf, from_conf
+from exclusive_xcom.decorator import from_conf, resolve_conf
 from exclusive_xcom.errors import AlreadyConsumedError, ClaimConflictError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY, is_handle
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, claimant_of, open_session
@@ -27,7 +27,7 @@ def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) ->
     if dag_id is None and key is None:
         found = ti.xcom_pull(task_ids=task_id, key=RESERVED_KEY)
     else:
-        found = _resolve_conf(from_conf(key or task_id), context)
+        found = resolve_conf(from_conf(key or task_id), context)
     if not is_handle(found):
         raise NotAuthorizedError(
             f"no exclusive output of {task_id!r} reaches {ti.task_id!r} (dag {ti.dag_id!r}, run {ti.run_id!r}); "

@@ -32,6 +32,7 @@ from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
 from exclusive_xcom.ledger import MODES, consumer_slot
 from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
+from exclusive_xcom.walk import walk
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -132,7 +133,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
     # -- run time -----------------------------------------------------------------------------
 
     def execute(self, context: Any) -> Any:
-        args = _resolve_conf([self.op_args, self.op_kwargs], context)
+        args = resolve_conf([self.op_args, self.op_kwargs], context)
         found = find_handles(args)
         session = open_session(context, found)
         try:  # from the first claim on: whatever step fails, fail() keeps or releases what the try holds
@@ -273,24 +274,26 @@ _STREAMED = (collections.abc.Iterator, collections.abc.Iterable)
 _STREAMED_TEXT = re.compile(r"^(?:[\w.]+\.)?(?:Iterator|Iterable)(?:\[.*\])?$")
 
 
-def _resolve_conf(value: Any, context: Any) -> Any:
+def resolve_conf(value: Any, context: Any) -> Any:
     """Replace :func:`from_conf` markers with the handle the triggering run passed in, and
     :func:`~exclusive_xcom.assets.from_asset` markers with the handles its asset events carried."""
-    if assets.is_marker(value):
-        return assets.handles_in_events(value, context)
-    if isinstance(value, Mapping) and CONF_MARKER in value:
-        key = value[CONF_MARKER]
-        conf = getattr(context.get("dag_run"), "conf", None) or {}
-        if key not in conf:
-            raise ConfigurationError(
-                f"from_conf({key!r}): this run's conf has no {key!r}; trigger it with conf={{{key!r}: <handle>}}"
-            )
-        return conf[key]
-    if isinstance(value, dict):
-        return {k: _resolve_conf(v, context) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_resolve_conf(v, context) for v in value)
-    return value
+    return walk(value, _is_marker, lambda marker: _resolve_marker(marker, context))
+
+
+def _is_marker(value: Any) -> bool:
+    return assets.is_marker(value) or (isinstance(value, Mapping) and CONF_MARKER in value)
+
+
+def _resolve_marker(marker: Any, context: Any) -> Any:
+    if assets.is_marker(marker):
+        return assets.handles_in_events(marker, context)
+    key = marker[CONF_MARKER]
+    conf = getattr(context.get("dag_run"), "conf", None) or {}
+    if key not in conf:
+        raise ConfigurationError(
+            f"from_conf({key!r}): this run's conf has no {key!r}; trigger it with conf={{{key!r}: <handle>}}"
+        )
+    return conf[key]
 
 
 def _argument_values(op: Any) -> Iterable[Any]:

@@ -43,6 +43,7 @@ from exclusive_xcom.ledger import (
 )
 from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.stream import ItemStream
+from exclusive_xcom.walk import walk
 from exclusive_xcom.wiring import Env, env, env_for
 
 log = logging.getLogger("exclusive_xcom")
@@ -456,26 +457,14 @@ def find_handles(value: Any) -> list[Mapping[str, Any]]:
         found.append(h)
         return h
 
-    _walk(value, keep)
+    walk(value, handles.is_handle, keep, sequences=True)
     return found
 
 
 def replace_handles(value: Any, values: Sequence[Any]) -> Any:
     """``value`` with its handles replaced, in :func:`find_handles` order, by ``values``."""
     it = iter(values)
-    return _walk(value, lambda _h: next(it))
-
-
-def _walk(value: Any, on_handle: Callable[[Mapping[str, Any]], Any]) -> Any:
-    if handles.is_handle(value):
-        return on_handle(value)
-    if isinstance(value, dict):
-        return {k: _walk(v, on_handle) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_walk(v, on_handle) for v in value)
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
-        return [_walk(v, on_handle) for v in value]  # e.g. a mapped producer's LazyXComSequence
-    return value
+    return walk(value, handles.is_handle, lambda _h: next(it), sequences=True)
 
 
 def forget(value: Mapping[str, Any]) -> int:
