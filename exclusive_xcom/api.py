@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
+from exclusive_xcom.compat import post_execute_hook, set_post_execute_hook
 from exclusive_xcom.decorator import from_conf, resolve_conf
 from exclusive_xcom.errors import AlreadyConsumedError, ClaimConflictError, NotAuthorizedError
 from exclusive_xcom.handle import RESERVED_KEY, is_handle
@@ -69,7 +70,7 @@ def _finish_after_execute(task: Any, session: Session) -> None:
     """Consume on success: chain onto the task's post-execute hook, keep the lease meanwhile."""
     stack = ExitStack()
     stack.enter_context(session.kept_alive())
-    previous = task._post_execute_hook
+    previous = post_execute_hook(task)
 
     def post_execute(context: Any, result: Any = None) -> None:
         stack.close()
@@ -79,4 +80,4 @@ def _finish_after_execute(task: Any, session: Session) -> None:
             raise ClaimConflictError(f"claims of {session.claimant} cannot be finished by {now}")
         session.finish()
 
-    task._post_execute_hook = post_execute
+    set_post_execute_hook(task, post_execute)

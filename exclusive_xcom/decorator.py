@@ -20,13 +20,14 @@ from typing import Any
 
 import attr
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk.bases.decorator import DecoratedOperator, _TaskDecorator
+from airflow.sdk.bases.decorator import DecoratedOperator
 from airflow.sdk.bases.operator import BaseOperator
 from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.xcom_arg import XComArg
 from airflow.sdk.exceptions import AirflowSkipException
 
 from exclusive_xcom import assets
+from exclusive_xcom.compat import TaskDecorator
 from exclusive_xcom.errors import ConfigurationError, ItemRef, NotAuthorizedError, named
 from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
 from exclusive_xcom.ledger import MODES, consumer_slot
@@ -323,7 +324,7 @@ def _is_exclusive(op: Any) -> bool:
 
 
 @attr.define(slots=False)
-class _ExclusiveTaskDecorator(_TaskDecorator[..., Any, _ExclusiveDecoratedOperator]):
+class _ExclusiveTaskDecorator(TaskDecorator[..., Any, _ExclusiveDecoratedOperator]):
     """Airflow's TaskFlow decorator, but a call returns a reference to the handle's key."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> XComArg:

@@ -20,6 +20,7 @@ from typing import Any
 
 from exclusive_xcom import handle as handles
 from exclusive_xcom import metrics
+from exclusive_xcom.compat import get_hostname
 from exclusive_xcom.config import load_settings
 from exclusive_xcom.errors import (
     ConfigurationError,
@@ -101,9 +102,7 @@ def claimant_of(context: Mapping[str, Any], team_of: Callable[[str], str] = lamb
 def this_host() -> str:
     """This machine's name as the task runner reports it to Airflow (``task_instance.hostname``):
     ``[core] hostname_callable``, else the FQDN. Once per process: the FQDN costs a DNS lookup."""
-    from airflow.sdk.api.client import get_hostname
-
-    return str(get_hostname())  # type: ignore[no-untyped-call]  # the function client.start() reports
+    return get_hostname()
 
 
 def is_final_try(context: Mapping[str, Any]) -> bool:
