@@ -42,7 +42,6 @@ from exclusive_xcom.ledger import (
     Output,
     Production,
 )
-from exclusive_xcom.ledger.ledger import Stored
 from exclusive_xcom.stream import ItemStream
 from exclusive_xcom.walk import walk
 from exclusive_xcom.wiring import Env, env, env_for
@@ -252,7 +251,7 @@ class Session:
             metrics.claimed(len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=claimed.request.mode)
         return result
 
-    def _values(self, h: Handle, raw: list[Stored]) -> Any:
+    def _values(self, h: Handle, raw: Sequence[bytes | Offloaded | None]) -> Any:
         ref = h.output.ref(self.claimant.slot)
         values = [self.env.codec.decode(data, ref) for data in raw]
         return values[0] if h.request().slot_row else values
