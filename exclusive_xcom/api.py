@@ -9,7 +9,7 @@ from typing import Any
 from exclusive_xcom.compat import post_execute_hook, set_post_execute_hook
 from exclusive_xcom.decorator import from_conf, resolve_conf
 from exclusive_xcom.errors import AlreadyConsumedError, ClaimConflictError, NotAuthorizedError
-from exclusive_xcom.handle import RESERVED_KEY, is_handle
+from exclusive_xcom.handle import DEFAULT_BATCH_SIZE, RESERVED_KEY, is_handle
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, claimant_of, open_session
 
 
@@ -53,7 +53,7 @@ def claim_handle(found: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
 
     session = open_session(context, [found])
     try:
-        (value,) = session.claim([found], batch_size=100, max_items=None)
+        (value,) = session.claim([found], batch_size=DEFAULT_BATCH_SIZE, max_items=None)
     except Lost as lost:
         raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
     except DoneBefore as done:  # the operator is already running: it cannot be spared, only told

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
 from exclusive_xcom.ledger.schema import CONSUMED, STATES
+from exclusive_xcom.maintenance import PURGE_BATCH
 
 if TYPE_CHECKING:
     from exclusive_xcom.wiring import Env
@@ -104,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument(
         "--expired-after", type=_duration, help="also unconsumed items older than this (default: expire_after)"
     )
-    purge.add_argument("--batch", type=_positive_int, default=1000, help="rows per transaction (default 1000)")
+    purge.add_argument(
+        "--batch", type=_positive_int, default=PURGE_BATCH, help=f"rows per transaction (default {PURGE_BATCH})"
+    )
     purge.add_argument("--dry-run", action="store_true")
     purge.add_argument("--json", action="store_true")
     purge.set_defaults(func=_purge)

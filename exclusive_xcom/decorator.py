@@ -29,7 +29,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from exclusive_xcom import assets
 from exclusive_xcom.compat import TaskDecorator
 from exclusive_xcom.errors import ConfigurationError, ItemRef, NotAuthorizedError, named
-from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
+from exclusive_xcom.handle import DEFAULT_BATCH_SIZE, RESERVED_KEY, Handle, is_handle
 from exclusive_xcom.ledger import MODES, consumer_slot
 from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
@@ -81,7 +81,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         op_kwargs: Any,
         consumers: Sequence[str] = (),
         mode: str = "each",
-        batch_size: int = 100,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         max_items: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -333,7 +333,12 @@ class _ExclusiveTaskDecorator(TaskDecorator[..., Any, _ExclusiveDecoratedOperato
     def _expand(self, expand_input: Any, *, strict: bool) -> XComArg:
         consumer = str(self.kwargs.get("task_id", self.function.__name__))
         kw = self.kwargs  # a mapped task's operator is made only when it runs: check it now
-        _check_options(kw.get("mode", "each"), kw.get("consumers", ()), kw.get("batch_size", 100), kw.get("max_items"))
+        _check_options(
+            kw.get("mode", "each"),
+            kw.get("consumers", ()),
+            kw.get("batch_size", DEFAULT_BATCH_SIZE),
+            kw.get("max_items"),
+        )
         check_partial(consumer, kw.get("op_kwargs", {}))
         expand_input = attr.evolve(expand_input, value=mapped_over(expand_input, consumer))
         return self._exclusive(super()._expand(expand_input, strict=strict))
@@ -373,7 +378,7 @@ def exclusive_task(
         with named(ItemRef("-", "-", task_id, "return_value")):  # parse time: no DAG run yet
             names = _consumer_names(consumers)
             _check_keywords(task_kwargs)
-            _check_options(mode, names, task_kwargs.get("batch_size", 100), task_kwargs.get("max_items"))
+            _check_options(mode, names, task_kwargs.get("batch_size", DEFAULT_BATCH_SIZE), task_kwargs.get("max_items"))
             if names and multiple_outputs:
                 raise ConfigurationError(
                     "multiple_outputs=True cannot be combined with consumers=: an exclusive output is one value"

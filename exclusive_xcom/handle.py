@@ -22,6 +22,8 @@ from exclusive_xcom.ledger import ClaimRequest, Output
 RESERVED_KEY = "__exclusive__handle"
 MARKER = "__exclusive_xcom__"
 VERSION = 1
+#: Items a consumer claims per transaction unless ``batch_size=`` says otherwise.
+DEFAULT_BATCH_SIZE = 100
 _FIELDS = ("dag_id", "run_id", "task_id", "map_index", "key", "generation", "mode", "consumers")
 
 
@@ -41,7 +43,7 @@ class Handle:
         body = self._body()
         return {MARKER: VERSION, **body, "sig": keys.sign(_message(body))}
 
-    def request(self, limit: int = 100) -> ClaimRequest:
+    def request(self, limit: int = DEFAULT_BATCH_SIZE) -> ClaimRequest:
         return ClaimRequest(self.output, self.generation, self.mode, self.consumers, limit, self.seq)
 
     def _body(self) -> dict[str, Any]:
