@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
-from exclusive_xcom.decorator import _resolve_conf, from_conf
+from exclusive_xcom.compat import post_execute_hook, set_post_execute_hook
+from exclusive_xcom.decorator import from_conf, resolve_conf
 from exclusive_xcom.errors import AlreadyConsumedError, ClaimConflictError, NotAuthorizedError
-from exclusive_xcom.handle import RESERVED_KEY, is_handle
+from exclusive_xcom.handle import DEFAULT_BATCH_SIZE, RESERVED_KEY, is_handle
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, claimant_of, open_session
 
 
@@ -27,7 +28,7 @@ def claim(task_id: str, *, dag_id: str | None = None, key: str | None = None) ->
     if dag_id is None and key is None:
         found = ti.xcom_pull(task_ids=task_id, key=RESERVED_KEY)
     else:
-        found = _resolve_conf(from_conf(key or task_id), context)
+        found = resolve_conf(from_conf(key or task_id), context)
     if not is_handle(found):
         raise NotAuthorizedError(
             f"no exclusive output of {task_id!r} reaches {ti.task_id!r} (dag {ti.dag_id!r}, run {ti.run_id!r}); "
@@ -52,7 +53,7 @@ def claim_handle(found: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
 
     session = open_session(context, [found])
     try:
-        (value,) = session.claim([found], batch_size=100, max_items=None)
+        (value,) = session.claim([found], batch_size=DEFAULT_BATCH_SIZE, max_items=None)
     except Lost as lost:
         raise AirflowSkipException(f"exclusive input went to another consumer: {lost}") from None
     except DoneBefore as done:  # the operator is already running: it cannot be spared, only told
@@ -69,7 +70,7 @@ def _finish_after_execute(task: Any, session: Session) -> None:
     """Consume on success: chain onto the task's post-execute hook, keep the lease meanwhile."""
     stack = ExitStack()
     stack.enter_context(session.kept_alive())
-    previous = task._post_execute_hook
+    previous = post_execute_hook(task)
 
     def post_execute(context: Any, result: Any = None) -> None:
         stack.close()
@@ -79,4 +80,4 @@ def _finish_after_execute(task: Any, session: Session) -> None:
             raise ClaimConflictError(f"claims of {session.claimant} cannot be finished by {now}")
         session.finish()
 
-    task._post_execute_hook = post_execute
+    set_post_execute_hook(task, post_execute)

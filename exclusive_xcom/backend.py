@@ -35,12 +35,12 @@ __all__ = ["ExclusiveXComBackend"]
 @cache
 def base_backend() -> type[BaseXCom]:
     """The backend every non-exclusive XCom is delegated to (read once per process)."""
-    from airflow.configuration import conf
     from airflow.sdk.module_loading import import_string  # type: ignore[attr-defined]  # public path, lacks __all__
 
+    from exclusive_xcom.config import BASE_XCOM_BACKEND, read_text
     from exclusive_xcom.errors import ConfigurationError
 
-    path = str(conf.get("exclusive_xcom", "base_xcom_backend", fallback="") or "").strip()
+    path = read_text(BASE_XCOM_BACKEND)
     if not path:
         return BaseXCom
     try:
@@ -130,7 +130,7 @@ def check_reader(value: Mapping[str, Any]) -> None:
     from exclusive_xcom import handle as handles
     from exclusive_xcom.errors import NotAuthorizedError
     from exclusive_xcom.ledger import consumer_slot
-    from exclusive_xcom.runtime import env
+    from exclusive_xcom.wiring import env
 
     h = handles.parse(value, env().keyring)  # a forged handle is refused (PayloadError) before anything else
     ti = context["ti"]

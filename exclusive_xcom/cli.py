@@ -1,8 +1,10 @@
 """``exclusive-xcom``: look into and maintain the claim ledger from a shell.
 
 It reads the same ``[exclusive_xcom]`` configuration as the tasks (or ``--url``), prints
-readable tables for people and ``--json`` for scripts, and turns every bad input into a
-non-zero exit status with a one-line reason on stderr, never a traceback.
+tables (rendered by rich) for people and ``--json`` for scripts, and turns every bad input
+into a non-zero exit status with a one-line reason on stderr, never a traceback. Commands
+that only look (``ls``, ``show``, ``stats``, ``audit``) never create or upgrade the schema:
+on a ledger without a current one they say to run ``exclusive-xcom db migrate``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from io import StringIO
 from typing import TYPE_CHECKING, Any
 
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
 from exclusive_xcom.ledger.schema import CONSUMED, STATES
+from exclusive_xcom.maintenance import PURGE_BATCH
 
 if TYPE_CHECKING:
-    from exclusive_xcom.runtime import Env
+    from exclusive_xcom.config import Settings
+    from exclusive_xcom.wiring import Env
 
 LS_COLUMNS = ("id", "dag_id", "run_id", "task_id", "map_index", "mode", "slot", "seq", "state", "owner_task_id")
 UNREAD_COLUMNS = ("dag_id", "task_id", "unread", "waiting", "oldest")
@@ -104,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument(
         "--expired-after", type=_duration, help="also unconsumed items older than this (default: expire_after)"
     )
-    purge.add_argument("--batch", type=_positive_int, default=1000, help="rows per transaction (default 1000)")
+    purge.add_argument(
+        "--batch", type=_positive_int, default=PURGE_BATCH, help=f"rows per transaction (default {PURGE_BATCH})"
+    )
     purge.add_argument("--dry-run", action="store_true")
     purge.add_argument("--json", action="store_true")
     purge.set_defaults(func=_purge)
@@ -164,13 +171,14 @@ def _db_grant(args: argparse.Namespace) -> None:
 
 
 def _ls(args: argparse.Namespace) -> None:
-    env, columns, unread_after = _env(args), list(LS_COLUMNS), None
+    columns, unread_after = list(LS_COLUMNS), None
+    if args.unread is not None and args.state == CONSUMED:
+        raise UsageError("--unread lists unconsumed items; --state consumed matches none of them")
+    settings, ledger = _reader(args)
     if args.unread is not None:
-        if args.state == CONSUMED:
-            raise UsageError("--unread lists unconsumed items; --state consumed matches none of them")
-        unread_after = env.settings.unread_after if args.unread is True else args.unread
+        unread_after = settings.unread_after if args.unread is True else args.unread
         columns.append("created_at")
-    rows = env.ledger.items(
+    rows = ledger.items(
         dag_id=args.dag_id,
         run_id=args.run_id,
         task_id=args.task_id,
@@ -185,12 +193,11 @@ def _ls(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    rows = _ledger(args).items(item_id=args.item_id)
+    rows = _reader(args)[1].items(item_id=args.item_id)
     if not rows:
         raise UsageError(f"no item with id {args.item_id}")
     row = _readable(rows[0])
-    width = max(map(len, row))
-    _emit(row, args.json, lambda: "\n".join(f"{k:<{width}}  {_text(v)}" for k, v in row.items()))
+    _emit(row, args.json, lambda: _render([[k, _text(v)] for k, v in row.items()]))
 
 
 def _release(args: argparse.Namespace) -> None:
@@ -236,8 +243,8 @@ def _rotate_key(args: argparse.Namespace) -> None:
 def _stats(args: argparse.Namespace) -> None:
     from exclusive_xcom.maintenance import stats as ledger_stats
 
-    env = _env(args)
-    stats = ledger_stats(env.ledger, env.settings.unread_after if args.unread_after is None else args.unread_after)
+    settings, ledger = _reader(args)
+    stats = ledger_stats(ledger, settings.unread_after if args.unread_after is None else args.unread_after)
     _emit(stats, args.json, lambda: _stats_text(stats))
 
 
@@ -253,7 +260,7 @@ def _stats_text(stats: dict[str, Any]) -> str:
 def _audit(args: argparse.Namespace) -> int:
     from exclusive_xcom.audit import audit, metadata_engine
 
-    ledger = _ledger(args)
+    ledger = _reader(args)[1]
     metadata = metadata_engine()
     try:
         report = audit(ledger, metadata, dag_id=args.dag_id, run_id=args.run_id, since=args.since)
@@ -279,19 +286,31 @@ def _start_airflow() -> None:
         ) from None
 
 
-def _env(args: argparse.Namespace) -> Env:
+def _settings(args: argparse.Namespace) -> Settings:
     from exclusive_xcom.config import load_settings
-    from exclusive_xcom.runtime import env_for
 
     _start_airflow()
     settings = load_settings()
-    if args.url:
-        settings = dataclasses.replace(settings, url=args.url)
-    return env_for(settings)
+    return dataclasses.replace(settings, url=args.url) if args.url else settings
+
+
+def _env(args: argparse.Namespace) -> Env:
+    """What a writing command works with; the schema is created or upgraded first, as tasks do."""
+    from exclusive_xcom.wiring import env_for
+
+    return env_for(_settings(args))
 
 
 def _ledger(args: argparse.Namespace) -> Ledger:
     return _env(args).ledger
+
+
+def _reader(args: argparse.Namespace) -> tuple[Settings, Ledger]:
+    """What a command that only looks works with: the ledger, its schema checked, never changed."""
+    from exclusive_xcom.wiring import current_ledger
+
+    settings = _settings(args)
+    return settings, current_ledger(settings)
 
 
 def _emit(data: Any, as_json: bool, human: Any) -> None:
@@ -307,11 +326,24 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> 
     if not rows:
         return "(no items)"
     columns = list(columns or rows[0])
-    cells = [[_text(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
+    return _render([[_text(r.get(c)) for c in columns] for r in rows], columns)
+
+
+def _render(cells: list[list[str]], header: Sequence[str] = ()) -> str:
+    """Plain columns two spaces apart: no borders, colours or wrapping, so that the output
+    reads the same in a terminal, a pipe and a log. Cells are text, never rich markup."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, show_header=bool(header), pad_edge=False, padding=(0, 2, 0, 0))
+    for name in header or cells[0]:
+        table.add_column(Text(name if header else ""), no_wrap=True, overflow="ignore")
+    for row in cells:
+        table.add_row(*map(Text, row))
+    out = StringIO()
+    Console(file=out, width=1 << 16, color_system=None, highlight=False, markup=False, emoji=False).print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 
 def _text(value: Any) -> str:

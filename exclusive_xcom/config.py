@@ -3,8 +3,8 @@
 Options are read through Airflow's configuration, so ``AIRFLOW__EXCLUSIVE_XCOM__<OPTION>``
 environment variables work as for any Airflow setting. The ledger database is, in order:
 ``sql_alchemy_conn``, the Airflow connection ``conn_id``, or an SQLite file under
-``$AIRFLOW_HOME``. Each process builds one engine per URL and migrates the schema once,
-so the claim path never checks the schema again.
+``$AIRFLOW_HOME``. What a process builds from the options (engine, keys, codec) is
+:mod:`exclusive_xcom.wiring`'s.
 """
 
 from __future__ import annotations
@@ -12,78 +12,134 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from exclusive_xcom.crypto import Keyring, keyring_from
 from exclusive_xcom.errors import ConfigurationError, ItemRef
-from exclusive_xcom.ledger import Ledger, get_engine
 
 SECTION = "exclusive_xcom"
+T = TypeVar("T")
+D = TypeVar("D", timedelta, "timedelta | None")
 
-#: option -> (type, default, description); also the provider's "config" section.
-OPTIONS: dict[str, tuple[str, str, str]] = {
-    "sql_alchemy_conn": ("string", "", "SQLAlchemy URL of the claim ledger database."),
-    "conn_id": ("string", "", "Airflow connection (Postgres or MySQL) of the ledger, if no URL is set."),
-    "lease_seconds": ("integer", "300", "How long a claim lives without a heartbeat before others may take it."),
-    "offload_threshold_bytes": ("integer", "1048576", "Payloads above this size go to object storage."),
-    "offload_path": (
-        "string",
-        "",
-        "ObjectStoragePath URI for offloaded payloads (s3://conn_id@bucket/prefix, ...); "
-        "default: file://$AIRFLOW_HOME/exclusive_xcom_offload.",
-    ),
-    "secret_key": (
-        "string",
-        "",
-        "Comma-separated keys, newest first: the first signs handles and encrypts payloads (Fernet), all "
-        "are accepted to verify and decrypt. Default: [core] fernet_key; with neither, nothing is stored "
-        "unless allow_plaintext is set.",
-    ),
-    "allow_plaintext": (
-        "boolean",
-        "False",
-        "Without secret_key or [core] fernet_key, store payloads unencrypted (handles are then signed with a "
-        "key kept in the ledger) instead of refusing to produce; with a key, also accept payloads stored "
-        "unencrypted.",
-    ),
-    "retention": ("string", "7d", "How long consumed items are kept before purge deletes them (7d, 12h, ...)."),
-    "expire_after": (
-        "string",
-        "",
-        "If set, unconsumed items older than this (and not under a live claim) are deleted by purge too.",
-    ),
-    "teams": (
-        "string",
-        "",
-        "Teams that must not see each other's items, as team: DAG-id patterns (fnmatch), separated by ';' "
-        "(e.g. 'sales: sales_*, crm_*; hr: hr_*'). Every DAG that touches the ledger must match one; a "
-        "producer and its consumers belong to one team. With PostgreSQL row-level security "
-        "(exclusive-xcom db grant) each team's workers then see their team's rows only.",
-    ),
-    "unread_after": (
-        "string",
-        "1d",
-        "Unconsumed items older than this are reported as unread, per producer (exclusive-xcom stats "
-        "and ls --unread, the exclusive_xcom.unread_items gauges): a consumer someone forgot.",
-    ),
-    "base_xcom_backend": (
-        "string",
-        "",
-        "With [core] xcom_backend = exclusive_xcom.backend.ExclusiveXComBackend: the backend every "
-        "non-exclusive XCom is delegated to (e.g. airflow.providers.common.io.xcom.backend."
-        "XComObjectStorageBackend); default: Airflow's BaseXCom.",
-    ),
-    "keep_consumed_payloads": (
-        "boolean",
-        "False",
-        "Keep a consumed item's payload and blob until purge deletes the row, instead of deleting it at once.",
-    ),
+
+@dataclass(frozen=True)
+class Option(Generic[T]):
+    """One ``[exclusive_xcom]`` option, declared once: the provider's config metadata, the
+    fallback when it is not set and :class:`Settings`' defaults all come from here."""
+
+    name: str
+    kind: str  # Airflow's option type: string, integer, float or boolean
+    default: T
+    description: str
+
+    def airflow_default(self) -> str | None:
+        """The default as Airflow's configuration writes it (None: no default)."""
+        value: Any = self.default
+        if value is None or value == "":
+            return None
+        if isinstance(value, timedelta):
+            return format_duration(value)
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+
+SQL_ALCHEMY_CONN = Option("sql_alchemy_conn", "string", "", "SQLAlchemy URL of the claim ledger database.")
+CONN_ID = Option("conn_id", "string", "", "Airflow connection (Postgres or MySQL) of the ledger, if no URL is set.")
+LEASE_SECONDS = Option(
+    "lease_seconds", "float", 300.0, "How long a claim lives without a heartbeat before others may take it."
+)
+OFFLOAD_THRESHOLD_BYTES = Option(
+    "offload_threshold_bytes", "integer", 1 << 20, "Payloads above this size go to object storage."
+)
+OFFLOAD_PATH = Option(
+    "offload_path",
+    "string",
+    "",
+    "ObjectStoragePath URI for offloaded payloads (s3://conn_id@bucket/prefix, ...); "
+    "default: file://$AIRFLOW_HOME/exclusive_xcom_offload.",
+)
+SECRET_KEY = Option(
+    "secret_key",
+    "string",
+    "",
+    "Comma-separated keys, newest first: the first signs handles and encrypts payloads (Fernet), all "
+    "are accepted to verify and decrypt. Default: [core] fernet_key; with neither, nothing is stored "
+    "unless allow_plaintext is set.",
+)
+ALLOW_PLAINTEXT = Option(
+    "allow_plaintext",
+    "boolean",
+    False,
+    "Without secret_key or [core] fernet_key, store payloads unencrypted (handles are then signed with a "
+    "key kept in the ledger) instead of refusing to produce; with a key, also accept payloads stored "
+    "unencrypted.",
+)
+RETENTION = Option(
+    "retention",
+    "string",
+    timedelta(days=7),
+    "How long consumed items are kept before purge deletes them (7d, 12h, ...).",
+)
+EXPIRE_AFTER: Option[timedelta | None] = Option(
+    "expire_after",
+    "string",
+    None,
+    "If set, unconsumed items older than this (and not under a live claim) are deleted by purge too.",
+)
+TEAMS = Option(
+    "teams",
+    "string",
+    "",
+    "Teams that must not see each other's items, as team: DAG-id patterns (fnmatch), separated by ';' "
+    "(e.g. 'sales: sales_*, crm_*; hr: hr_*'). Every DAG that touches the ledger must match one; a "
+    "producer and its consumers belong to one team. With PostgreSQL row-level security "
+    "(exclusive-xcom db grant) each team's workers then see their team's rows only.",
+)
+UNREAD_AFTER = Option(
+    "unread_after",
+    "string",
+    timedelta(days=1),
+    "Unconsumed items older than this are reported as unread, per producer (exclusive-xcom stats "
+    "and ls --unread, the exclusive_xcom.unread_items gauges): a consumer someone forgot.",
+)
+BASE_XCOM_BACKEND = Option(
+    "base_xcom_backend",
+    "string",
+    "",
+    "With [core] xcom_backend = exclusive_xcom.backend.ExclusiveXComBackend: the backend every "
+    "non-exclusive XCom is delegated to (e.g. airflow.providers.common.io.xcom.backend."
+    "XComObjectStorageBackend); default: Airflow's BaseXCom.",
+)
+KEEP_CONSUMED_PAYLOADS = Option(
+    "keep_consumed_payloads",
+    "boolean",
+    False,
+    "Keep a consumed item's payload and blob until purge deletes the row, instead of deleting it at once.",
+)
+
+#: Every option by name, in the order the provider's metadata lists them.
+OPTIONS: dict[str, Option[Any]] = {
+    option.name: option
+    for option in (
+        SQL_ALCHEMY_CONN,
+        CONN_ID,
+        LEASE_SECONDS,
+        OFFLOAD_THRESHOLD_BYTES,
+        OFFLOAD_PATH,
+        SECRET_KEY,
+        ALLOW_PLAINTEXT,
+        RETENTION,
+        EXPIRE_AFTER,
+        TEAMS,
+        UNREAD_AFTER,
+        BASE_XCOM_BACKEND,
+        KEEP_CONSUMED_PAYLOADS,
+    )
 }
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -149,35 +205,51 @@ def parse_teams(raw: str) -> Teams:
 
 @dataclass(frozen=True)
 class Settings:
+    """The options as values; a field left out takes the option's declared default."""
+
     url: str
-    lease_seconds: float = 300.0
-    offload_threshold_bytes: int = 1 << 20
-    offload_path: str = ""
-    secret_key: str = ""
+    lease_seconds: float = LEASE_SECONDS.default
+    offload_threshold_bytes: int = OFFLOAD_THRESHOLD_BYTES.default
+    offload_path: str = OFFLOAD_PATH.default
+    secret_key: str = SECRET_KEY.default
     fernet_key: str = ""
-    retention: timedelta = timedelta(days=7)
-    expire_after: timedelta | None = None
-    unread_after: timedelta = timedelta(days=1)
-    keep_consumed_payloads: bool = False
-    allow_plaintext: bool = False
-    teams: Teams = Teams()
+    retention: timedelta = RETENTION.default
+    expire_after: timedelta | None = EXPIRE_AFTER.default
+    unread_after: timedelta = UNREAD_AFTER.default
+    keep_consumed_payloads: bool = KEEP_CONSUMED_PAYLOADS.default
+    allow_plaintext: bool = ALLOW_PLAINTEXT.default
+    teams: Teams = parse_teams(TEAMS.default)
 
 
-def _option(name: str) -> str:
+def read_text(option: Option[Any]) -> str:
+    """An option as written, stripped ("" when unset and without a default)."""
     from airflow.configuration import conf
 
-    return str(conf.get(SECTION, name, fallback=OPTIONS[name][1]) or "").strip()
+    return str(conf.get(SECTION, option.name, fallback=option.airflow_default()) or "").strip()
 
 
-def _number(name: str) -> float:
-    raw = _option(name) or OPTIONS[name][1]
+def _typed(option: Option[T], read: Callable[..., T], expected: str) -> T:
+    """``option`` through one of Airflow's typed getters; a bad value is one line naming it.
+    A blank value means the default, as an unset one does."""
+    from airflow.exceptions import AirflowConfigException
+
+    if not read_text(option):
+        return option.default
     try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"[{SECTION}] {name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"[{SECTION}] {name} must be positive, got {raw!r}")
+        return read(SECTION, option.name, fallback=option.default)
+    except AirflowConfigException:
+        raise ConfigurationError(f"[{SECTION}] {option.name} must be {expected}, got {read_text(option)!r}") from None
+
+
+def _positive(option: Option[T], value: T) -> T:
+    if isinstance(value, int | float) and value <= 0:
+        raise ConfigurationError(f"[{SECTION}] {option.name} must be positive, got {read_text(option)!r}")
     return value
+
+
+def _duration(option: Option[D]) -> D | timedelta:
+    raw = read_text(option)
+    return parse_duration(raw, f"[{SECTION}] {option.name}") if raw else option.default
 
 
 def parse_duration(raw: str, source: str) -> timedelta:
@@ -197,38 +269,32 @@ def format_duration(value: timedelta) -> str:
     return f"{seconds}s"
 
 
-def _flag(name: str) -> bool:
-    raw = _option(name).lower() or OPTIONS[name][1].lower()
-    if raw not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigurationError(f"[{SECTION}] {name} must be true or false, got {raw!r}")
-    return raw in ("true", "1", "yes")
-
-
 def load_settings() -> Settings:
     from airflow.configuration import conf
 
-    expire_after = _option("expire_after")
     return Settings(
         url=ledger_url(),
-        lease_seconds=_number("lease_seconds"),
-        offload_threshold_bytes=int(_number("offload_threshold_bytes")),
-        offload_path=_option("offload_path"),
-        secret_key=_option("secret_key"),
+        lease_seconds=_positive(LEASE_SECONDS, _typed(LEASE_SECONDS, conf.getfloat, "a number")),
+        offload_threshold_bytes=_positive(
+            OFFLOAD_THRESHOLD_BYTES, _typed(OFFLOAD_THRESHOLD_BYTES, conf.getint, "a whole number")
+        ),
+        offload_path=read_text(OFFLOAD_PATH),
+        secret_key=read_text(SECRET_KEY),
         fernet_key=str(conf.get("core", "fernet_key", fallback="") or "").strip(),
-        retention=parse_duration(_option("retention") or OPTIONS["retention"][1], f"[{SECTION}] retention"),
-        expire_after=parse_duration(expire_after, f"[{SECTION}] expire_after") if expire_after else None,
-        unread_after=parse_duration(_option("unread_after") or OPTIONS["unread_after"][1], f"[{SECTION}] unread_after"),
-        keep_consumed_payloads=_flag("keep_consumed_payloads"),
-        allow_plaintext=_flag("allow_plaintext"),
-        teams=parse_teams(_option("teams")),
+        retention=_duration(RETENTION),
+        expire_after=_duration(EXPIRE_AFTER),
+        unread_after=_duration(UNREAD_AFTER),
+        keep_consumed_payloads=_typed(KEEP_CONSUMED_PAYLOADS, conf.getboolean, "true or false"),
+        allow_plaintext=_typed(ALLOW_PLAINTEXT, conf.getboolean, "true or false"),
+        teams=parse_teams(read_text(TEAMS)),
     )
 
 
 def ledger_url() -> str:
-    if url := _option("sql_alchemy_conn"):
+    if url := read_text(SQL_ALCHEMY_CONN):
         _check_url(url, f"[{SECTION}] sql_alchemy_conn")
         return url
-    if conn_id := _option("conn_id"):
+    if conn_id := read_text(CONN_ID):
         return url_from_connection(conn_id)
     home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
     os.makedirs(home, exist_ok=True)
@@ -265,48 +331,3 @@ def _check_url(url: str, source: str) -> None:
         sa.make_url(url)
     except sa.exc.ArgumentError as exc:
         raise ConfigurationError(f"{source} is not a SQLAlchemy URL: {url!r} ({exc})") from exc
-
-
-_ready: set[str] = set()
-_ready_lock = threading.Lock()
-
-
-def get_ledger(settings: Settings | None = None) -> Ledger:
-    """The ledger of this configuration, its schema made or upgraded once per process."""
-    settings = settings or load_settings()
-    try:
-        engine = get_engine(settings.url)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise ConfigurationError(
-            f"cannot open the claim ledger at {settings.url!r}: {exc}{_driver_hint(settings.url)}"
-        ) from None  # one line: the driver's import traceback says nothing more
-    ledger = Ledger(
-        engine, lease_seconds=settings.lease_seconds, keep_consumed_payloads=settings.keep_consumed_payloads
-    )
-    with _ready_lock:
-        if settings.url not in _ready:
-            ledger.migrate()
-            _ready.add(settings.url)
-    return ledger
-
-
-def _driver_hint(url: str) -> str:
-    """What to install or write instead, when the URL names a driver that is not there."""
-    scheme = url.split(":", 1)[0].lower()
-    if scheme.startswith("postgres"):
-        return "; the PostgreSQL driver is psycopg 3: pip install 'exclusive-xcom[postgres]', URL postgresql+psycopg://"
-    if scheme.startswith(("mysql", "mariadb")):
-        return "; the MySQL/MariaDB driver is PyMySQL: pip install 'exclusive-xcom[mysql]', URL mysql+pymysql://"
-    return ""
-
-
-def keyring(settings: Settings, ledger: Ledger) -> Keyring:
-    """Keys of this configuration. The ledger's own signing key is read (made, the first
-    time) only when no key is configured and plaintext is allowed: the ledger never holds
-    a key beside the data it protects unless the configuration says so."""
-    configured = keyring_from(settings.secret_key, settings.fernet_key, allow_plaintext=settings.allow_plaintext)
-    if settings.teams.patterns and not configured.encrypts:
-        raise ConfigurationError(f"[{SECTION}] teams needs a key: set [{SECTION}] secret_key, one per team")
-    if configured.encrypts or not settings.allow_plaintext:
-        return configured  # without any key, the first produce (or handle check) names the two ways to set one
-    return keyring_from("", "", ledger.secret(), allow_plaintext=True)

@@ -20,18 +20,20 @@ from typing import Any
 
 import attr
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk.bases.decorator import DecoratedOperator, _TaskDecorator
+from airflow.sdk.bases.decorator import DecoratedOperator
 from airflow.sdk.bases.operator import BaseOperator
 from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.xcom_arg import XComArg
 from airflow.sdk.exceptions import AirflowSkipException
 
 from exclusive_xcom import assets
+from exclusive_xcom.compat import TaskDecorator
 from exclusive_xcom.errors import ConfigurationError, ItemRef, NotAuthorizedError, named
-from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
+from exclusive_xcom.handle import DEFAULT_BATCH_SIZE, RESERVED_KEY, Handle, is_handle
 from exclusive_xcom.ledger import MODES, consumer_slot
 from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
+from exclusive_xcom.walk import walk
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -79,7 +81,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
         op_kwargs: Any,
         consumers: Sequence[str] = (),
         mode: str = "each",
-        batch_size: int = 100,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         max_items: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -132,7 +134,7 @@ class _ExclusiveDecoratedOperator(DecoratedOperator, PythonOperator):
     # -- run time -----------------------------------------------------------------------------
 
     def execute(self, context: Any) -> Any:
-        args = _resolve_conf([self.op_args, self.op_kwargs], context)
+        args = resolve_conf([self.op_args, self.op_kwargs], context)
         found = find_handles(args)
         session = open_session(context, found)
         try:  # from the first claim on: whatever step fails, fail() keeps or releases what the try holds
@@ -273,24 +275,26 @@ _STREAMED = (collections.abc.Iterator, collections.abc.Iterable)
 _STREAMED_TEXT = re.compile(r"^(?:[\w.]+\.)?(?:Iterator|Iterable)(?:\[.*\])?$")
 
 
-def _resolve_conf(value: Any, context: Any) -> Any:
+def resolve_conf(value: Any, context: Any) -> Any:
     """Replace :func:`from_conf` markers with the handle the triggering run passed in, and
     :func:`~exclusive_xcom.assets.from_asset` markers with the handles its asset events carried."""
-    if assets.is_marker(value):
-        return assets.handles_in_events(value, context)
-    if isinstance(value, Mapping) and CONF_MARKER in value:
-        key = value[CONF_MARKER]
-        conf = getattr(context.get("dag_run"), "conf", None) or {}
-        if key not in conf:
-            raise ConfigurationError(
-                f"from_conf({key!r}): this run's conf has no {key!r}; trigger it with conf={{{key!r}: <handle>}}"
-            )
-        return conf[key]
-    if isinstance(value, dict):
-        return {k: _resolve_conf(v, context) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_resolve_conf(v, context) for v in value)
-    return value
+    return walk(value, _is_marker, lambda marker: _resolve_marker(marker, context))
+
+
+def _is_marker(value: Any) -> bool:
+    return assets.is_marker(value) or (isinstance(value, Mapping) and CONF_MARKER in value)
+
+
+def _resolve_marker(marker: Any, context: Any) -> Any:
+    if assets.is_marker(marker):
+        return assets.handles_in_events(marker, context)
+    key = marker[CONF_MARKER]
+    conf = getattr(context.get("dag_run"), "conf", None) or {}
+    if key not in conf:
+        raise ConfigurationError(
+            f"from_conf({key!r}): this run's conf has no {key!r}; trigger it with conf={{{key!r}: <handle>}}"
+        )
+    return conf[key]
 
 
 def _argument_values(op: Any) -> Iterable[Any]:
@@ -320,7 +324,7 @@ def _is_exclusive(op: Any) -> bool:
 
 
 @attr.define(slots=False)
-class _ExclusiveTaskDecorator(_TaskDecorator[..., Any, _ExclusiveDecoratedOperator]):
+class _ExclusiveTaskDecorator(TaskDecorator[..., Any, _ExclusiveDecoratedOperator]):
     """Airflow's TaskFlow decorator, but a call returns a reference to the handle's key."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> XComArg:
@@ -329,7 +333,12 @@ class _ExclusiveTaskDecorator(_TaskDecorator[..., Any, _ExclusiveDecoratedOperat
     def _expand(self, expand_input: Any, *, strict: bool) -> XComArg:
         consumer = str(self.kwargs.get("task_id", self.function.__name__))
         kw = self.kwargs  # a mapped task's operator is made only when it runs: check it now
-        _check_options(kw.get("mode", "each"), kw.get("consumers", ()), kw.get("batch_size", 100), kw.get("max_items"))
+        _check_options(
+            kw.get("mode", "each"),
+            kw.get("consumers", ()),
+            kw.get("batch_size", DEFAULT_BATCH_SIZE),
+            kw.get("max_items"),
+        )
         check_partial(consumer, kw.get("op_kwargs", {}))
         expand_input = attr.evolve(expand_input, value=mapped_over(expand_input, consumer))
         return self._exclusive(super()._expand(expand_input, strict=strict))
@@ -369,7 +378,7 @@ def exclusive_task(
         with named(ItemRef("-", "-", task_id, "return_value")):  # parse time: no DAG run yet
             names = _consumer_names(consumers)
             _check_keywords(task_kwargs)
-            _check_options(mode, names, task_kwargs.get("batch_size", 100), task_kwargs.get("max_items"))
+            _check_options(mode, names, task_kwargs.get("batch_size", DEFAULT_BATCH_SIZE), task_kwargs.get("max_items"))
             if names and multiple_outputs:
                 raise ConfigurationError(
                     "multiple_outputs=True cannot be combined with consumers=: an exclusive output is one value"

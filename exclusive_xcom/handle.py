@@ -22,6 +22,8 @@ from exclusive_xcom.ledger import ClaimRequest, Output, Written
 RESERVED_KEY = "__exclusive__handle"
 MARKER = "__exclusive_xcom__"
 VERSION = 1
+#: Items a consumer claims per transaction unless ``batch_size=`` says otherwise.
+DEFAULT_BATCH_SIZE = 100
 _FIELDS = ("dag_id", "run_id", "task_id", "map_index", "key", "generation", "mode", "consumers")
 
 
@@ -39,7 +41,7 @@ class Handle(Written):
         body = self._body()
         return {MARKER: VERSION, **body, "sig": keys.sign(_message(body))}
 
-    def request(self, limit: int = 100) -> ClaimRequest:
+    def request(self, limit: int = DEFAULT_BATCH_SIZE) -> ClaimRequest:
         return ClaimRequest(self, limit, self.seq)
 
     def _body(self) -> dict[str, Any]:

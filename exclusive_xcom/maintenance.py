@@ -23,6 +23,11 @@ log = logging.getLogger("exclusive_xcom")
 #: A blob no row references may belong to a producer whose transaction has not committed
 #: yet: only blobs at least this old (and older than the purge cutoff) count as orphans.
 ORPHAN_GRACE = timedelta(hours=24)
+#: Rows a purge deletes per transaction (and blobs it checks per query): small enough that
+#: tasks claiming meanwhile are never held up, large enough that a million rows go quickly.
+PURGE_BATCH = 1000
+#: Payloads ``rotate_keys`` reads per query; each is re-encrypted in a transaction of its own.
+ROTATE_BATCH = 500
 
 
 @dataclass
@@ -43,7 +48,7 @@ def purge(
     older_than: timedelta,
     *,
     expired_after: timedelta | None = None,
-    batch: int = 1000,
+    batch: int = PURGE_BATCH,
     dry_run: bool = False,
     sweep: bool = True,
 ) -> PurgeReport:
@@ -69,7 +74,7 @@ def run_retention(older_than: str = "", expired_after: str = "", dry_run: bool =
     """Purge with this process's configuration: ``retention`` and ``expire_after`` unless
     overridden (durations such as ``7d``); what the maintenance DAG runs."""
     from exclusive_xcom.config import parse_duration
-    from exclusive_xcom.runtime import env
+    from exclusive_xcom.wiring import env
 
     current = env()
     older = parse_duration(older_than, "older_than") if older_than else current.settings.retention
@@ -102,7 +107,7 @@ def stats(ledger: Ledger, unread_after: timedelta) -> dict[str, Any]:
 
 def run_stats() -> dict[str, Any]:
     """:func:`stats` with this process's configuration; what the maintenance DAG reports after its purge."""
-    from exclusive_xcom.runtime import env
+    from exclusive_xcom.wiring import env
 
     current = env()
     return stats(current.ledger, current.settings.unread_after)
@@ -148,7 +153,7 @@ class RotationReport:
         return f"{done}; {self.skipped} busy (being read or changed meanwhile): run again later"
 
 
-def rotate_keys(ledger: Ledger, codec: Codec, *, batch: int = 500) -> RotationReport:
+def rotate_keys(ledger: Ledger, codec: Codec, *, batch: int = ROTATE_BATCH) -> RotationReport:
     """Re-encrypt every stored payload (inline and offloaded) under the newest key.
 
     Afterwards the older keys can leave ``secret_key`` once no handle signed with them is

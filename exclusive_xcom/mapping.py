@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from airflow.sdk.definitions._internal.expandinput import ListOfDictsExpandInput
-from airflow.sdk.definitions._internal.types import NOTSET
 from airflow.sdk.definitions.mappedoperator import MappedOperator
 from airflow.sdk.definitions.xcom_arg import PlainXComArg, XComArg, ZipXComArg
 
+from exclusive_xcom.compat import NOTSET, ListOfDictsExpandInput
 from exclusive_xcom.errors import ConfigurationError
 from exclusive_xcom.handle import RESERVED_KEY, Handle
 from exclusive_xcom.ledger import ITEMS, ONE

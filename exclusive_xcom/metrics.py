@@ -32,28 +32,26 @@ UNREAD_TOTAL = f"{PREFIX}.unread_items_total"
 
 _lock = threading.Lock()
 _init_tried = False
-_MISSING = object()
 P = ParamSpec("P")
 
 
 def _stats() -> ModuleType:
     """Airflow's stats facade, initialized from Airflow's config if no one in this process did."""
     global _init_tried
-    from airflow.sdk._shared.observability.metrics import stats as impl
     from airflow.sdk.observability import stats
 
-    # ``_factory`` stays None until someone calls ``stats.initialize``; until then the facade
-    # sends everything to a NoStatsLogger. After a fork Airflow resets only ``_backend``, so the
-    # child rebuilds its client from the same factory and this check stays correct.
-    if not _init_tried and getattr(impl, "_factory", _MISSING) is None:
+    from exclusive_xcom.compat import stats_factory, stats_initialized
+
+    # After a fork Airflow resets only the facade's client, not its factory, so the child
+    # rebuilds its client from the same factory and this check stays correct.
+    if not _init_tried and not stats_initialized():
         with _lock:
-            if not _init_tried and getattr(impl, "_factory", _MISSING) is None:
+            if not _init_tried and not stats_initialized():
                 _init_tried = True
                 from airflow.sdk.configuration import conf
-                from airflow.sdk.observability.metrics.stats_utils import get_stats_factory
 
                 stats.initialize(
-                    factory=get_stats_factory(),
+                    factory=stats_factory(),
                     export_legacy_names=conf.getboolean("metrics", "legacy_names_on", fallback=True),
                 )
     return stats

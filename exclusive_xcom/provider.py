@@ -19,13 +19,13 @@ def get_provider_info() -> dict[str, Any]:
                 "description": "The claim ledger of exclusive_xcom.",
                 "options": {
                     name: {
-                        "description": description,
+                        "description": option.description,
                         "version_added": "0.1.0",
-                        "type": kind,
+                        "type": option.kind,
                         "example": None,
-                        "default": default or None,
+                        "default": option.airflow_default(),
                     }
-                    for name, (kind, default, description) in OPTIONS.items()
+                    for name, option in OPTIONS.items()
                 },
             }
         },

@@ -20,8 +20,8 @@ from typing import Any
 
 from exclusive_xcom import handle as handles
 from exclusive_xcom import metrics
-from exclusive_xcom.config import Settings, get_ledger, keyring, load_settings
-from exclusive_xcom.crypto import Keyring
+from exclusive_xcom.compat import get_hostname
+from exclusive_xcom.config import load_settings
 from exclusive_xcom.errors import (
     ConfigurationError,
     ExclusiveXComError,
@@ -38,15 +38,13 @@ from exclusive_xcom.ledger import (
     ClaimRequest,
     ClaimResult,
     Finished,
-    Ledger,
     Offloaded,
     Output,
     Production,
-    Stored,
 )
-from exclusive_xcom.payload import Codec
-from exclusive_xcom.storage import BlobStore
 from exclusive_xcom.stream import ItemStream
+from exclusive_xcom.walk import walk
+from exclusive_xcom.wiring import Env, env, env_for
 
 log = logging.getLogger("exclusive_xcom")
 
@@ -54,41 +52,6 @@ log = logging.getLogger("exclusive_xcom")
 #: is unreachable: long enough to outlast a server restart (the likely cause of the failure),
 #: short enough not to hold up the task's end for long. After that, the lease frees them.
 RELEASE_PATIENCE = 15.0
-
-
-@dataclass(frozen=True)
-class Env:
-    settings: Settings
-    ledger: Ledger
-    keyring: Keyring
-    codec: Codec
-
-
-@lru_cache(maxsize=4)
-def env_for(settings: Settings) -> Env:
-    ledger = get_ledger(settings)
-    keys = keyring(settings, ledger)
-    store = lambda: BlobStore(settings.offload_path or None)  # noqa: E731 -- made on first offload
-    return Env(settings, ledger, keys, Codec(keys, _threshold(settings, ledger), store))
-
-
-def _threshold(settings: Settings, ledger: Ledger) -> int:
-    """``offload_threshold_bytes``, capped to what one statement of this ledger may carry."""
-    limit = ledger.inline_limit
-    if limit is None or settings.offload_threshold_bytes <= limit:
-        return settings.offload_threshold_bytes
-    log.warning(
-        "exclusive_xcom: offload_threshold_bytes (%d) is above what one statement of this ledger may carry "
-        "(max_allowed_packet); payloads above %d bytes go to object storage instead",
-        settings.offload_threshold_bytes,
-        limit,
-    )
-    return limit
-
-
-def env() -> Env:
-    """Settings, ledger, keys and payload codec of this process (built once per configuration)."""
-    return env_for(load_settings())
 
 
 def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] = ()) -> Session:
@@ -138,9 +101,7 @@ def claimant_of(context: Mapping[str, Any], team_of: Callable[[str], str] = lamb
 def this_host() -> str:
     """This machine's name as the task runner reports it to Airflow (``task_instance.hostname``):
     ``[core] hostname_callable``, else the FQDN. Once per process: the FQDN costs a DNS lookup."""
-    from airflow.sdk.api.client import get_hostname
-
-    return str(get_hostname())  # type: ignore[no-untyped-call]  # the function client.start() reports
+    return get_hostname()
 
 
 def is_final_try(context: Mapping[str, Any]) -> bool:
@@ -292,7 +253,7 @@ class Session:
             )
         return result
 
-    def _values(self, h: Handle, raw: list[Stored]) -> Any:
+    def _values(self, h: Handle, raw: Sequence[bytes | Offloaded | None]) -> Any:
         ref = h.output.ref(self.claimant.slot)
         values = [self.env.codec.decode(data, ref) for data in raw]
         return values[0] if h.request().slot_row else values
@@ -496,26 +457,14 @@ def find_handles(value: Any) -> list[Mapping[str, Any]]:
         found.append(h)
         return h
 
-    _walk(value, keep)
+    walk(value, handles.is_handle, keep, sequences=True)
     return found
 
 
 def replace_handles(value: Any, values: Sequence[Any]) -> Any:
     """``value`` with its handles replaced, in :func:`find_handles` order, by ``values``."""
     it = iter(values)
-    return _walk(value, lambda _h: next(it))
-
-
-def _walk(value: Any, on_handle: Callable[[Mapping[str, Any]], Any]) -> Any:
-    if handles.is_handle(value):
-        return on_handle(value)
-    if isinstance(value, dict):
-        return {k: _walk(v, on_handle) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_walk(v, on_handle) for v in value)
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
-        return [_walk(v, on_handle) for v in value]  # e.g. a mapped producer's LazyXComSequence
-    return value
+    return walk(value, handles.is_handle, lambda _h: next(it), sequences=True)
 
 
 def forget(value: Mapping[str, Any]) -> int:

@@ -262,6 +262,15 @@ def test_the_audit_command_exits_1_on_a_mismatch_and_0_when_clean(
 PASSWORD = "s3cret-pw"
 
 
+def _migrated_ledger(tmp_path: Path) -> str:
+    """An SQLite ledger with its schema: what audit reads beside the metadata database."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = create_engine(url)
+    Ledger(engine).migrate()
+    engine.dispose()
+    return url
+
+
 @pytest.mark.parametrize(
     ("metadata", "code", "says"),
     [
@@ -280,7 +289,7 @@ def test_an_unreadable_metadata_database_is_one_line_without_its_password(
     code: int,
     says: str,
 ) -> None:
-    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger_url = _migrated_ledger(tmp_path)  # audit only looks: it needs a schema to look at
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", metadata.format(tmp=tmp_path))
     got, out, err = cli(capsys, "--url", ledger_url, "audit")
     assert got == code and says in err and not out, err
@@ -293,7 +302,7 @@ def test_the_real_command_is_one_line_when_airflow_cannot_use_its_metadata_datab
     fails (a driver Airflow wants is missing, or the server does not answer), one line, exit 1."""
     metadata = f"postgresql://airflow:{PASSWORD}@127.0.0.1:1/airflow"
     env = airflow_env(tmp_path, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=metadata)
-    command = [sys.executable, "-m", "exclusive_xcom.cli", "--url", f"sqlite:///{tmp_path / 'ledger.db'}", "audit"]
+    command = [sys.executable, "-m", "exclusive_xcom.cli", "--url", _migrated_ledger(tmp_path), "audit"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and not proc.stdout, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and PASSWORD not in proc.stderr, proc.stderr

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from exclusive_xcom.cli import main
 from exclusive_xcom.ledger import (
@@ -96,6 +97,68 @@ def test_purge_deletes_only_consumed_items(seeded: str, capsys: pytest.CaptureFi
     assert "deleted 1 item(s)" in out
     _, out, _ = cli(capsys, "--url", seeded, "stats", "--json")
     assert json.loads(out)["counts"] == {"ready": 1, "claimed": 1, "consumed": 0}
+
+
+# -- who may change the schema --------------------------------------------------------------------
+
+READERS = [["ls"], ["ls", "--unread"], ["show", "1"], ["stats"], ["audit"]]
+
+
+def _where(url: str) -> str:
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def _version(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        return Ledger(engine).schema_version()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("command", READERS, ids="-".join)
+def test_a_command_that_only_looks_never_makes_the_schema(
+    ledger_url: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    code, out, err = cli(capsys, "--url", ledger_url, *command)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"exclusive-xcom: LedgerError: the claim ledger at {_where(ledger_url)} has no schema yet: "
+        "run `exclusive-xcom db migrate`\n"
+    )
+    assert _version(ledger_url) == 0, "looking created the schema"
+
+
+@pytest.mark.parametrize("command", READERS, ids="-".join)
+def test_a_command_that_only_looks_at_an_older_schema_says_to_migrate(
+    seeded: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    older = SCHEMA_VERSION - 1
+    engine = create_engine(seeded)
+    with engine.begin() as conn:  # as an exclusive_xcom one version behind left it
+        conn.execute(
+            sa.text("UPDATE exclusive_xcom_meta SET value = :v WHERE name = 'schema_version'"), {"v": str(older)}
+        )
+    engine.dispose()
+    code, out, err = cli(capsys, "--url", seeded, *command)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"exclusive-xcom: LedgerError: the claim ledger at {_where(seeded)} has schema version {older}, "
+        f"this exclusive_xcom needs {SCHEMA_VERSION}: run `exclusive-xcom db migrate`\n"
+    )
+    assert _version(seeded) == older, "looking upgraded the schema"
+
+
+@pytest.mark.parametrize(
+    "command", [["purge", "--older-than", "1d"], ["release", "1"], ["db", "migrate"]], ids="-".join
+)
+def test_a_command_that_writes_makes_the_schema_first(
+    ledger_url: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    code, _, err = cli(capsys, "--url", ledger_url, *command)
+    assert (code, err) == (0, "")
+    assert _version(ledger_url) == SCHEMA_VERSION
+    assert cli(capsys, "--url", ledger_url, "stats")[0] == 0, "once made, looking works"
 
 
 @pytest.mark.parametrize(

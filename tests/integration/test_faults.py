@@ -36,7 +36,8 @@ from exclusive_xcom.handle import Handle
 from exclusive_xcom.ledger import ITEMS, Claimant, Ledger, Output, Production, Written, create_engine
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, item
 from exclusive_xcom.payload import Codec
-from exclusive_xcom.runtime import Env, Session
+from exclusive_xcom.runtime import Session
+from exclusive_xcom.wiring import Env
 from tests.integration.conftest import kill_session, server_sessions
 from tests.support import SERVERS, PrivatePostgres, admin_engine, create_database
 

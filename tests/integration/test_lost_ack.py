@@ -36,7 +36,8 @@ from exclusive_xcom.ledger import (
 from exclusive_xcom.ledger.engine import create_engine
 from exclusive_xcom.ledger.schema import CONSUMED, READY
 from exclusive_xcom.payload import Codec
-from exclusive_xcom.runtime import DoneBefore, Env, Session
+from exclusive_xcom.runtime import DoneBefore, Session
+from exclusive_xcom.wiring import Env
 from tests.proxy import LostAckProxy
 
 DAG, RUN = "lost_ack", "manual__1"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from exclusive_xcom import config
+from exclusive_xcom import config, wiring
 from exclusive_xcom.errors import ClaimConflictError, LedgerError
 from exclusive_xcom.ledger import (
     ITEMS,
@@ -345,7 +345,7 @@ def clean_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
         monkeypatch.delenv(f"AIRFLOW__{config.SECTION.upper()}__{name.upper()}", raising=False)
     home = tmp_path / "airflow_home"
     monkeypatch.setenv("AIRFLOW_HOME", str(home))
-    monkeypatch.setattr(config, "_ready", set())
+    monkeypatch.setattr(wiring, "_ready", set())
     yield home
 
 
@@ -362,13 +362,13 @@ def test_get_ledger_from_the_environment_makes_the_schema_on_first_use(
     probe = create_engine(ledger_url)
     assert not sa.inspect(probe).has_table(item.name)
 
-    ledger = config.get_ledger()
+    ledger = wiring.get_ledger()
 
     assert ledger.engine.url.render_as_string(hide_password=False) == ledger_url
     assert ledger.lease_seconds == 42
     assert ledger.schema_version() == SCHEMA_VERSION
     assert CLAIMABLE_INDEX in _indexes(probe)
-    again = config.get_ledger()
+    again = wiring.get_ledger()
     assert again.engine is ledger.engine, "one engine per process and URL"
     _produce(again, 2)
     assert len(again.claim(Claimant(DAG, RUN, "drain"), [REQUEST]).ids) == 2
@@ -386,7 +386,7 @@ def test_get_ledger_with_nothing_set_is_an_sqlite_file_under_airflow_home(clean_
     url = f"sqlite:///{path}"
     assert not path.exists()
     try:
-        ledger = config.get_ledger()
+        ledger = wiring.get_ledger()
 
         assert ledger.engine.url.render_as_string(hide_password=False) == url
         assert path.is_file()
@@ -396,7 +396,7 @@ def test_get_ledger_with_nothing_set_is_an_sqlite_file_under_airflow_home(clean_
         assert len(ledger.claim(Claimant(DAG, RUN, "drain"), [REQUEST]).ids) == 1
         # A second process (a fresh cache) finds the schema already there and keeps it.
         secret = ledger.secret()
-        config._ready.clear()
-        assert config.get_ledger().secret() == secret
+        wiring._ready.clear()
+        assert wiring.get_ledger().secret() == secret
     finally:
         _forget_engine(url)

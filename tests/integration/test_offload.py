@@ -248,3 +248,40 @@ def test_forget_deletes_one_generation_and_returns_its_blob(ledger: Ledger, code
         ledger.finish(who("audit"), audit.ids, blobs=audit.claims[0].uris)
     got = ledger.claim(who("audit"), [request(EACH, ["load", "audit"], output=OTHER)])
     assert codec.decode(got.claims[0].payloads[0]) == big("other")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_worker_with_an_unusable_object_store_fails_its_first_task_not_its_first_big_payload(
+    ledger_url: str,
+) -> None:
+    """No Google provider is installed: the environment a task builds refuses the path at once."""
+    from exclusive_xcom.config import Settings
+    from exclusive_xcom.errors import ConfigurationError
+    from exclusive_xcom.wiring import env_for
+
+    settings = Settings(ledger_url, secret_key="k", offload_path="gs://bucket/blobs")
+    with pytest.raises(ConfigurationError, match=r"install apache-airflow-providers-google on every host"):
+        env_for(settings)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize(("executor", "warned"), [("CeleryExecutor", True), ("LocalExecutor", False)])
+def test_a_local_offload_folder_is_warned_about_when_tasks_run_on_many_hosts(
+    ledger_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    executor: str,
+    warned: bool,
+) -> None:
+    from exclusive_xcom.config import Settings
+    from exclusive_xcom.wiring import env_for
+
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    folder = f"file://{tmp_path}/blobs-{executor}"
+    with caplog.at_level("WARNING", logger="exclusive_xcom"):
+        env_for(Settings(ledger_url, secret_key="k", offload_path=folder))
+    said = [r.getMessage() for r in caplog.records if "is a local folder" in r.getMessage()]
+    assert bool(said) == warned
+    if warned:
+        assert folder in said[0] and "CeleryExecutor" in said[0]

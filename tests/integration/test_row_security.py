@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from exclusive_xcom import config
+from exclusive_xcom import config, wiring
 from exclusive_xcom.cli import main
 from exclusive_xcom.errors import ClaimConflictError, ConfigurationError, NotAuthorizedError, PayloadError
 from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, Written, get_engine
 from exclusive_xcom.ledger.queries import TEAM_ROLE_PREFIX
 from exclusive_xcom.ledger.schema import SCHEMA_VERSION
-from exclusive_xcom.runtime import env, env_for, open_session
+from exclusive_xcom.runtime import open_session
+from exclusive_xcom.wiring import env, env_for
 from tests.support import admin_engine
 
 RUN = "manual__2026-12-01T00:00:00+00:00"
@@ -241,7 +242,7 @@ def test_a_hostile_task_of_team_a_cannot_open_a_session_as_team_b(
             )
     finally:
         env_for.cache_clear()
-        config._ready.discard(world.a.url)
+        wiring._ready.discard(world.a.url)
         get_engine(world.a.url).dispose()
     assert _snapshot(world) == before
     _b_reads_everything_once(world)

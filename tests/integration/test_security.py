@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from exclusive_xcom import config
+from exclusive_xcom import config, wiring
 from exclusive_xcom.errors import ConfigurationError, PayloadError
 from exclusive_xcom.ledger import EACH, ITEMS, Ledger, Offloaded, Production, Written, get_engine
 from exclusive_xcom.ledger.schema import meta
-from exclusive_xcom.runtime import env_for, open_session
+from exclusive_xcom.runtime import open_session
+from exclusive_xcom.wiring import env_for
 
 from .conftest import EXTRACT, production, request, who
 
@@ -28,7 +29,7 @@ def configured(monkeypatch: pytest.MonkeyPatch, ledger_url: str, tmp_path: Path)
         monkeypatch.delenv(f"AIRFLOW__EXCLUSIVE_XCOM__{name}", raising=False)
     yield monkeypatch
     env_for.cache_clear()
-    config._ready.discard(ledger_url)
+    wiring._ready.discard(ledger_url)
     get_engine(ledger_url).dispose()
 
 

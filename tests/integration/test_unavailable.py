@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from exclusive_xcom import config
+from exclusive_xcom import wiring
 from exclusive_xcom.errors import ExclusiveXComError, LedgerUnavailableError
 from exclusive_xcom.ledger import (
     ITEMS,
@@ -106,10 +106,10 @@ def test_get_ledger_on_an_unreachable_server_is_ledger_unavailable(
     url, shown = DEAD[kind]
     monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__SQL_ALCHEMY_CONN", url)
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
-    monkeypatch.setattr(config, "_ready", set())
+    monkeypatch.setattr(wiring, "_ready", set())
     try:
-        _fails_unavailable(config.get_ledger, shown)
-        assert config._ready == set(), "a ledger that was never migrated must not be remembered as ready"
+        _fails_unavailable(wiring.get_ledger, shown)
+        assert wiring._ready == set(), "a ledger that was never migrated must not be remembered as ready"
     finally:
         from exclusive_xcom.ledger.engine import _engines
 

@@ -21,6 +21,8 @@ def _clean(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         "EXPIRE_AFTER",
         "UNREAD_AFTER",
         "KEEP_CONSUMED_PAYLOADS",
+        "OFFLOAD_THRESHOLD_BYTES",
+        "ALLOW_PLAINTEXT",
     ):
         monkeypatch.delenv(f"AIRFLOW__EXCLUSIVE_XCOM__{name}", raising=False)
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
@@ -152,3 +154,51 @@ def test_a_local_offload_folder_under_a_many_host_executor_is_warned_about(
     assert (warning is not None) == warned
     if warning:
         assert uri in warning and "cannot be read on another" in warning
+
+
+def test_every_default_is_declared_once_for_airflow_and_for_settings() -> None:
+    """The provider's metadata, the fallback when unset and Settings' defaults are one declaration."""
+    from dataclasses import fields
+
+    from exclusive_xcom.config import OPTIONS, Settings, parse_teams
+    from exclusive_xcom.provider import get_provider_info
+
+    declared = get_provider_info()["config"]["exclusive_xcom"]["options"]
+    assert list(declared) == list(OPTIONS)
+    assert {name: o["default"] for name, o in declared.items()} == {n: o.airflow_default() for n, o in OPTIONS.items()}
+    assert declared["retention"]["default"] == "7d" and declared["lease_seconds"]["default"] == "300"
+    by_hand = Settings("unused")
+    for field in fields(Settings):
+        if field.name == "teams":
+            assert by_hand.teams == parse_teams(OPTIONS["teams"].default)
+        elif field.name in OPTIONS:
+            assert getattr(by_hand, field.name) == OPTIONS[field.name].default, field.name
+    unset = load_settings()
+    assert (unset.lease_seconds, unset.offload_threshold_bytes, unset.retention) == (
+        by_hand.lease_seconds,
+        by_hand.offload_threshold_bytes,
+        by_hand.retention,
+    )
+
+
+@pytest.mark.parametrize(
+    "option,raw,message",
+    [
+        ("LEASE_SECONDS", "0", r"lease_seconds must be positive, got '0'"),
+        ("OFFLOAD_THRESHOLD_BYTES", "1.5", r"offload_threshold_bytes must be a whole number, got '1.5'"),
+        ("ALLOW_PLAINTEXT", "sometimes", r"allow_plaintext must be true or false, got 'sometimes'"),
+    ],
+)
+def test_bad_numbers_and_flags_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, option: str, raw: str, message: str
+) -> None:
+    monkeypatch.setenv(f"AIRFLOW__EXCLUSIVE_XCOM__{option}", raw)
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings()
+
+
+def test_a_blank_option_means_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__LEASE_SECONDS", "")
+    monkeypatch.setenv("AIRFLOW__EXCLUSIVE_XCOM__KEEP_CONSUMED_PAYLOADS", " ")
+    settings = load_settings()
+    assert settings.lease_seconds == 300.0 and settings.keep_consumed_payloads is False

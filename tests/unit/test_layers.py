@@ -49,3 +49,17 @@ def test_no_module_of_the_ledger_imports_airflow_even_lazily() -> None:
         for source in sources
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_cli_and_maintenance_never_import_the_task_runtime() -> None:
+    """They share the process's wiring (exclusive_xcom.wiring) with tasks, not what a task does."""
+    package = LEDGER.parent
+    for name in ("cli.py", "maintenance.py", "wiring.py", "config.py"):
+        tree = ast.parse((package / name).read_text(), name)
+        from_package = {
+            f"exclusive_xcom.{alias.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "exclusive_xcom"
+            for alias in node.names
+        }
+        assert "exclusive_xcom.runtime" not in _imported_modules(package / name) | from_package, name

@@ -26,7 +26,8 @@ HANDLE_KEY = "__exclusive__handle"
 @task(retries=0)
 def attacker(ti=None) -> int:
     from exclusive_xcom import handle as handles
-    from exclusive_xcom.runtime import claimant_of, env, open_session
+    from exclusive_xcom.runtime import claimant_of, open_session
+    from exclusive_xcom.wiring import env
 
     # secret_a: the session victim_a would open, for a task instance made up on the spot.
     fake = SimpleNamespace(
