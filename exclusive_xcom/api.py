@@ -9,7 +9,8 @@ from typing import Any
 from exclusive_xcom.compat import post_execute_hook, set_post_execute_hook
 from exclusive_xcom.decorator import from_conf, resolve_conf
 from exclusive_xcom.errors import AlreadyConsumedError, ClaimConflictError, NotAuthorizedError
-from exclusive_xcom.handle import DEFAULT_BATCH_SIZE, RESERVED_KEY, is_handle
+from exclusive_xcom.handle import RESERVED_KEY, is_handle
+from exclusive_xcom.ledger import DEFAULT_BATCH_SIZE
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, claimant_of, open_session
 
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
+from exclusive_xcom.ledger.admin import PURGE_BATCH
 from exclusive_xcom.ledger.schema import CONSUMED, STATES
-from exclusive_xcom.maintenance import PURGE_BATCH
 
 if TYPE_CHECKING:
     from exclusive_xcom.config import Settings

@@ -29,8 +29,8 @@ from airflow.sdk.exceptions import AirflowSkipException
 from exclusive_xcom import assets
 from exclusive_xcom.compat import TaskDecorator
 from exclusive_xcom.errors import ConfigurationError, ItemRef, NotAuthorizedError, named
-from exclusive_xcom.handle import DEFAULT_BATCH_SIZE, RESERVED_KEY, Handle, is_handle
-from exclusive_xcom.ledger import MODES, consumer_slot
+from exclusive_xcom.handle import RESERVED_KEY, Handle, is_handle
+from exclusive_xcom.ledger import DEFAULT_BATCH_SIZE, MODES, consumer_slot
 from exclusive_xcom.mapping import RETURN_KEY, ExclusiveXComArg, check_partial, mapped_over, mapping_value
 from exclusive_xcom.runtime import DoneBefore, Lost, Session, find_handles, is_final_try, open_session, replace_handles
 from exclusive_xcom.walk import walk

@@ -15,15 +15,13 @@ from typing import Any
 
 from exclusive_xcom.crypto import Keyring
 from exclusive_xcom.errors import PayloadError
-from exclusive_xcom.ledger import ClaimRequest, Output, Written
+from exclusive_xcom.ledger import DEFAULT_BATCH_SIZE, ClaimRequest, Output, Written
 
 #: The XCom key exclusive outputs are pushed under (URL-safe: it is a path segment in
 #: Airflow 3's Execution API).
 RESERVED_KEY = "__exclusive__handle"
 MARKER = "__exclusive_xcom__"
 VERSION = 1
-#: Items a consumer claims per transaction unless ``batch_size=`` says otherwise.
-DEFAULT_BATCH_SIZE = 100
 _FIELDS = ("dag_id", "run_id", "task_id", "map_index", "key", "generation", "mode", "consumers")
 
 

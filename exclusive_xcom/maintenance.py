@@ -16,6 +16,7 @@ from typing import Any
 
 from exclusive_xcom import metrics
 from exclusive_xcom.ledger import Ledger, Offloaded, Waiting
+from exclusive_xcom.ledger.admin import PURGE_BATCH
 from exclusive_xcom.payload import Codec
 
 log = logging.getLogger("exclusive_xcom")
@@ -23,9 +24,6 @@ log = logging.getLogger("exclusive_xcom")
 #: A blob no row references may belong to a producer whose transaction has not committed
 #: yet: only blobs at least this old (and older than the purge cutoff) count as orphans.
 ORPHAN_GRACE = timedelta(hours=24)
-#: Rows a purge deletes per transaction (and blobs it checks per query): small enough that
-#: tasks claiming meanwhile are never held up, large enough that a million rows go quickly.
-PURGE_BATCH = 1000
 #: Payloads ``rotate_keys`` reads per query; each is re-encrypted in a transaction of its own.
 ROTATE_BATCH = 500
 

@@ -3,6 +3,7 @@
 from exclusive_xcom.ledger.engine import create_engine, get_engine
 from exclusive_xcom.ledger.ledger import Ledger
 from exclusive_xcom.ledger.types import (
+    DEFAULT_BATCH_SIZE,
     EACH,
     ITEMS,
     MODES,
@@ -22,6 +23,7 @@ from exclusive_xcom.ledger.types import (
 )
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "EACH",
     "ITEMS",
     "MODES",

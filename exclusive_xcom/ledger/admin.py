@@ -20,8 +20,9 @@ from exclusive_xcom.ledger.types import Offloaded, Waiting
 #: Fence rows outlive even a short ``purge --older-than``: a deleted fence would let a
 #: zombie try act again, so only task instances quiet for this long lose theirs.
 FENCE_RETENTION = timedelta(days=7)
-#: Rows one purge or rotation transaction handles at most.
-DEFAULT_BATCH = 1000
+#: Rows a purge deletes per transaction (and blobs it checks per query): small enough that
+#: tasks claiming meanwhile are never held up, large enough that a million rows go quickly.
+PURGE_BATCH = 1000
 
 
 class Admin(Transactions):
@@ -80,7 +81,7 @@ class Admin(Transactions):
         older_than: timedelta,
         *,
         expired_after: timedelta | None = None,
-        batch: int = DEFAULT_BATCH,
+        batch: int = PURGE_BATCH,
         dry_run: bool = False,
         on_blobs: Callable[[list[str]], Any] | None = None,
     ) -> int:

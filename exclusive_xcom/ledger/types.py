@@ -18,6 +18,8 @@ from typing import Any
 from exclusive_xcom.errors import ItemRef
 from exclusive_xcom.ledger.schema import CLAIMED, READY
 
+#: Items a consumer claims per transaction unless ``batch_size=`` says otherwise.
+DEFAULT_BATCH_SIZE = 100
 EACH, ONE, ITEMS = "each", "one", "items"
 MODES = (EACH, ONE, ITEMS)
 
@@ -120,7 +122,7 @@ class ClaimRequest:
     """One input of a consumer: what was written, and how much of it to claim."""
 
     written: Written
-    limit: int = 100
+    limit: int = DEFAULT_BATCH_SIZE
     seq: int | None = None  # mode items: this one item only (a consumer mapped over the output)
 
     @property
