@@ -341,9 +341,19 @@ def test_a_sigkilled_worker_host_loses_nothing_and_doubles_nothing(deployment: D
         f"  {len(processed)} distinct items processed, {redone} processed twice (the batch in hand); "
         f"ledger {dict(Counter(i.state for i in items))}, consumed by try {dict(Counter(i.owner_try for i in items))}"
     )
+    # How the dead try's batch came back: its retry took it back (same task instance), or
+    # another consumer took it over once its lease expired; the claim log line says which.
+    claims = [
+        json.loads(line)["event"]
+        for line in cluster.task_logs("dist_crash", "drain").get(survivor, "").splitlines()
+        if line.startswith("{") and "exclusive_xcom: claimed" in line and f"/{run_id}/" in line
+    ]
+    recovered = [c.split(": ", 2)[-1] for c in claims if "taken back" in c or "taken over" in c]
+    note(f"  the dead try's claims: {recovered}")
     logs = deployment.logs
 
     assert state == "success", f"{[tuple(t[:5]) for t in tis.values()]}{logs()}"
+    assert recovered, f"no claim of the retry took anything back or over: {claims}"
     assert [(t.try_number, t.hostname) for t in tries] == [(1, victim_fqdn)], tries
     assert drain.try_number == 2 and drain.hostname == f"{survivor}.exx.test", drain
     assert Counter(i.state for i in items) == {"consumed": 400}, "an item is left ready or claimed"
