@@ -37,6 +37,8 @@ DEMO_KEY = secrets.token_urlsafe(32)
 DESCRIPTION = "Run an example DAG of exclusive_xcom in a throwaway Airflow and show its XComs and claim ledger."
 HANDLE_KEY = "__exclusive__handle"  # exclusive_xcom.handle.RESERVED_KEY; this script imports no Airflow
 ROWS = 20  # a table longer than this is cut, saying how many rows it left out
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379"
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,12 @@ def table(title: str, db: Path, query: str, total: int | None = None) -> None:
     with sqlite3.connect(db) as conn:
         cur = conn.execute(f"{query} LIMIT {ROWS}")
         columns = [c[0] for c in cur.description]
-        rows = [["-" if v is None else str(v) for v in row] for row in cur.fetchall()]
+        show(title, columns, cur.fetchall(), total)
+
+
+def show(title: str, columns: list[str], values: Any, total: int | None = None) -> None:
+    """Print rows under ``title`` as a table; ``total``: how many there are in all."""
+    rows = [["-" if v is None else str(v) for v in row] for row in values]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     print(f"\n{title}")
     for line in [columns, *rows]:
@@ -211,19 +218,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument(
         "--dag",
-        default="exclusive_etl",
+        default=None,
         metavar="NAME",
-        help=f"example to run: {', '.join(SCENARIOS)} (default %(default)s)",
+        help=f"example to run: {', '.join(SCENARIOS)} (default: exclusive_etl; with --executor celery, "
+        "exclusive_etl then exclusive_parallel_queue)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the throwaway AIRFLOW_HOME afterwards")
+    parser.add_argument(
+        "--executor",
+        choices=["dag-test", "celery"],
+        default="dag-test",
+        help="dag-test (default): dag.test() on SQLite, no server needed; celery: a CeleryExecutor Airflow with "
+        "two worker hosts (network namespaces; needs root, PostgreSQL and Redis) and payloads on a local S3",
+    )
+    parser.add_argument("--postgres-url", default=PG_URL, help="celery: the server for the metadata DB and ledger")
+    parser.add_argument("--redis-url", default=REDIS_URL, help="celery: the Celery broker's server")
+    parser.add_argument(
+        "--offload-threshold", type=int, default=1024, help="celery: payloads above this many bytes go to S3"
+    )
     parser.add_argument("--run-scenario", help=argparse.SUPPRESS)  # inside the throwaway Airflow
     args = parser.parse_args()
     if args.run_scenario:
         run_scenario(args.run_scenario)
+    elif args.dag is None and args.executor == "dag-test":
+        demo("exclusive_etl", args.keep)
+    elif args.dag is None:
+        celery_demo(None, args.keep, args.postgres_url, args.redis_url, args.offload_threshold)
     elif args.dag in CANNOT_RUN:
         parser.error(f"{args.dag} cannot run in this demo: {CANNOT_RUN[args.dag]}")
     elif args.dag not in SCENARIOS:
         parser.error(f"no example {args.dag!r}; choose one of: {', '.join(SCENARIOS)}")
+    elif args.executor == "celery":
+        celery_demo(args.dag, args.keep, args.postgres_url, args.redis_url, args.offload_threshold)
     else:
         demo(args.dag, args.keep)
 
@@ -252,6 +278,134 @@ def demo(name: str, keep: bool) -> None:
             print(f"\nkept {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)
+
+
+# -- --executor celery: a CeleryExecutor Airflow with two worker hosts ----------------------------
+
+
+def celery_demo(name: str | None, keep: bool, postgres_url: str, redis_url: str, threshold: int) -> None:
+    """Start a cluster (``_celery_cluster``), run the scenario's DAGs on it, show where each
+    task ran and what the ledger and S3 hold, stop everything (also on Ctrl-C or failure)."""
+    sys.path.insert(0, str(HERE))
+    import _celery_cluster as cc
+    import sqlalchemy as sa
+
+    if (problem := cc.problem()) is not None:
+        sys.exit(f"cannot start the Celery demo: {problem}")
+    steps = [step for n in ([name] if name else ["exclusive_etl", "exclusive_parallel_queue"]) for step in SCENARIOS[n]]
+    root = Path(tempfile.mkdtemp(prefix="exclusive_xcom_celery_demo_"))
+    print(f"throwaway homes under {root}")
+    started = time.monotonic()
+    with cc.database(postgres_url, "demo_meta") as meta_url, cc.database(postgres_url, "demo_ledger") as ledger_url:
+        files = sorted({HERE / step.file for step in steps})
+        env = {"AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_THRESHOLD_BYTES": str(threshold)}
+        cluster = cc.Cluster(root, meta_url, ledger_url, files, redis_url=redis_url, env=env)
+        meta = sa.create_engine(meta_url, poolclass=sa.NullPool)
+        ledger = sa.create_engine(ledger_url, poolclass=sa.NullPool)
+        try:
+            cluster.start(lambda step: print(f"  {step}"))
+            for host in cluster.hosts.values():
+                print(
+                    f"  worker host {host.fqdn}: netns {host.netns}, {host.address} (gateway {host.gateway}), "
+                    f"AIRFLOW_HOME {host.home}, queues {cluster.default_queue},{host.queue}"
+                )
+            print(f"  offload_path {cluster.offload_path} (moto S3 on 127.0.0.1:{cluster.s3_port})")
+            dag_ids = {step.dag_id for step in steps}
+
+            def serialized() -> bool:
+                with meta.connect() as conn:
+                    found = {d for (d,) in conn.execute(sa.text("SELECT dag_id FROM serialized_dag"))}
+                return dag_ids <= found
+
+            cluster.wait("the DAGs to be serialized", serialized, 120)
+            for step in steps:
+                _celery_step(cluster, meta, step)
+            _celery_report(meta, ledger, cluster)
+        finally:
+            meta.dispose()
+            ledger.dispose()
+            survivors = cluster.stop()
+            left = f" (outlived SIGKILL: {survivors})" if survivors else ""
+            print(f"\nstopped every process{left}, removed the namespaces; took {time.monotonic() - started:.0f} s")
+            if keep:
+                print(f"kept {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+def _celery_step(cluster: Any, meta: Any, step: Run) -> None:
+    """Trigger ``step`` (or, for a run another DAG triggers, wait for it) and wait for its end."""
+    import sqlalchemy as sa
+
+    mark = time.monotonic()
+
+    def final(run_id: str | None = None) -> str | None:
+        sql = "SELECT run_id, state FROM dag_run WHERE dag_id = :d" + (" AND run_id = :r" if run_id else "")
+        with meta.connect() as conn:
+            rows = conn.execute(sa.text(sql), {"d": step.dag_id, "r": run_id}).all()
+        return rows[-1].state if rows and rows[-1].state in ("success", "failed") else None
+
+    if step.conf_of_triggered:
+        state = cluster.wait(f"the run of {step.dag_id} another DAG triggered", final, 300)
+        print(f"  {step.dag_id}: its triggered run ended {state}")
+        return
+    run_id = f"demo_{step.dag_id}_{secrets.token_hex(3)}"
+    args = ["dags", "trigger", step.dag_id, "--run-id", run_id]
+    cluster.cli(*args, *(["--conf", json.dumps(step.conf)] if step.conf else []))
+    state = cluster.wait(f"run {run_id}", lambda: final(run_id), 300)
+    print(f"  {step.dag_id}: {state}, {time.monotonic() - mark:.1f} s from trigger to end")
+
+
+def _celery_report(meta: Any, ledger: Any, cluster: Any) -> None:
+    import sqlalchemy as sa
+
+    with meta.connect() as conn:
+        runs = conn.execute(
+            sa.text("SELECT dag_id, run_id, state, start_date, end_date FROM dag_run ORDER BY id")
+        ).all()
+        tis = conn.execute(
+            sa.text(
+                "SELECT dag_id, task_id, map_index, state, try_number, hostname, queue FROM task_instance "
+                "ORDER BY start_date IS NULL, start_date"
+            )
+        ).all()
+    show(
+        "DAG runs:",
+        ["dag_id", "run_id", "state", "seconds"],
+        [
+            (r.dag_id, r.run_id, r.state, f"{(r.end_date - r.start_date).total_seconds():.1f}" if r.end_date else None)
+            for r in runs
+        ],
+    )
+    show(
+        "Where each task ran (task_instance.hostname: the worker host's FQDN):",
+        list(tis[0]._fields) if tis else [],
+        tis,
+    )
+    with ledger.connect() as conn:
+        split = conn.execute(
+            sa.text(
+                "SELECT dag_id, task_id AS producer, owner_task_id AS consumer, owner_host AS host, state, "
+                "count(*) AS items, sum(CASE WHEN payload_uri IS NOT NULL THEN 1 ELSE 0 END) AS on_s3 "
+                "FROM exclusive_xcom_item GROUP BY dag_id, task_id, owner_task_id, owner_host, state "
+                "ORDER BY dag_id, task_id, owner_host"
+            )
+        ).all()
+    show(
+        "The claim ledger, items by consumer and the host that consumed them:",
+        list(split[0]._fields) if split else [],
+        split,
+    )
+    listing = cluster.s3().list_object_versions(Bucket=cluster.bucket, Prefix=cluster.prefix)
+    written = {v["Key"] for v in listing.get("Versions", [])}
+    deleted = {m["Key"] for m in listing.get("DeleteMarkers", []) if m["IsLatest"]}
+    print(
+        f"\nS3 ({cluster.offload_path}): {len(written)} payload blob(s) written, {len(deleted)} deleted once "
+        f"consumed, {len(written - deleted)} still there (payloads over --offload-threshold bytes go there)"
+    )
+    bad = [r for r in runs if r.state != "success"]
+    if bad:
+        raise SystemExit(f"{len(bad)} run(s) did not succeed: {[(r.dag_id, r.state) for r in bad]}{cluster.logs()}")
 
 
 if __name__ == "__main__":

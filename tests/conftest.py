@@ -1,7 +1,7 @@
 """Tiers, databases and the fixtures every tier shares; real databases, no mocks.
 
-Every test is marked with its tier (``unit``, ``integration``, ``e2e``, ``scheduler``: the
-folder it lives in) and, when it is parametrized over ``backend``, with its database
+Every test is marked with its tier (``unit``, ``integration``, ``e2e``, ``scheduler``,
+``distributed``: the folder it lives in) and, when it is parametrized over ``backend``, with its database
 (``sqlite``, ``postgres``, ``mysql``), so ``-m`` selects any slice; ``pyproject.toml`` sets
 the fast default selection. A test that needs a server which is not reachable skips with a
 one-line reason, except when ``CI`` is set: then it fails, so a green CI run means the
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tests.support import BACKENDS, SERVERS, PrivatePostgres, create_database, drop_database, server_problem
 
-TIERS = ("unit", "integration", "e2e", "scheduler")
+TIERS = ("unit", "integration", "e2e", "scheduler", "distributed")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
