@@ -10,6 +10,7 @@ on a ledger without a current one they say to run ``exclusive-xcom db migrate``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from io import StringIO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from exclusive_xcom.errors import ConfigurationError, ExclusiveXComError
 from exclusive_xcom.ledger import Ledger
@@ -38,16 +39,22 @@ class UsageError(Exception):
     """Bad command-line input; reported as one line, exit status 2."""
 
 
+#: Where results go: the stdout the command started with. Everything else written to stdout
+#: while a command runs (Airflow's and providers' log lines) goes to stderr.
+_results: list[TextIO] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # Airflow's logging writes to stdout, which is for results (and --json) here: the
-    # library's own progress lines are for task logs, so only its warnings show.
+    # The library's own progress lines are for task logs: here only its warnings show.
     logging.getLogger("exclusive_xcom").setLevel(logging.WARNING)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already reported in one line
         return int(exc.code or 0)
+    _results[:] = [sys.stdout]
     try:
-        return int(args.func(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"exclusive-xcom: error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +164,7 @@ def _command(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
 
 def _db_migrate(args: argparse.Namespace) -> None:
     ledger = _ledger(args)
-    print(f"ledger at {ledger.engine.url.render_as_string(hide_password=True)}: schema version {ledger.migrate()}")
+    _say(f"ledger at {ledger.engine.url.render_as_string(hide_password=True)}: schema version {ledger.migrate()}")
 
 
 def _db_grant(args: argparse.Namespace) -> None:
@@ -167,7 +174,7 @@ def _db_grant(args: argparse.Namespace) -> None:
     ledger = _ledger(args)
     ledger.grant(args.team, args.role)
     where = ledger.engine.url.render_as_string(hide_password=True)
-    print(f"ledger at {where}: row-level security on; role {args.role!r} sees team {args.team!r}'s items only")
+    _say(f"ledger at {where}: row-level security on; role {args.role!r} sees team {args.team!r}'s items only")
 
 
 def _ls(args: argparse.Namespace) -> None:
@@ -209,7 +216,7 @@ def _release(args: argparse.Namespace) -> None:
         line += f"; {unclaimed} {'was' if unclaimed == 1 else 'were'} not claimed"
     if unknown:
         line += f"; no item has id {', '.join(map(str, unknown))}"
-    print(line)
+    _say(line)
 
 
 def _purge(args: argparse.Namespace) -> None:
@@ -237,7 +244,7 @@ def _rotate_key(args: argparse.Namespace) -> None:
     env = _env(args)
     if not env.keyring.encrypts:
         raise UsageError("no key configured: set [exclusive_xcom] secret_key (newest key first) and run again")
-    print(rotate_keys(env.ledger, env.codec))
+    _say(str(rotate_keys(env.ledger, env.codec)))
 
 
 def _stats(args: argparse.Namespace) -> None:
@@ -284,6 +291,15 @@ def _start_airflow() -> None:
         raise ConfigurationError(
             f"Airflow cannot start with this configuration: {type(exc).__name__}: {first}"
         ) from None
+    _logs_to_stderr()
+
+
+def _logs_to_stderr() -> None:
+    """Airflow logs to stdout; a command's stdout is its output (a table, ``--json``), so
+    every log line, Airflow's and providers' included, goes to stderr instead."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -314,7 +330,12 @@ def _reader(args: argparse.Namespace) -> tuple[Settings, Ledger]:
 
 
 def _emit(data: Any, as_json: bool, human: Any) -> None:
-    print(json.dumps(data, default=_text, indent=None if isinstance(data, list) else 2) if as_json else human())
+    _say(json.dumps(data, default=_text, indent=None if isinstance(data, list) else 2) if as_json else human())
+
+
+def _say(text: str) -> None:
+    """A result line, on the command's own stdout."""
+    print(text, file=_results[0] if _results else sys.stdout)
 
 
 def _readable(row: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -321,3 +325,27 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str], command: list[st
     description = out.split("\n\n")[1]
     assert description[0].isupper() and description.rstrip().endswith("."), out
     assert not [mark for mark in ("``", ":func:", ":class:", ":meth:", "**") if mark in out], out
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_json_output_is_clean_whatever_airflow_and_its_providers_log(ledger_url: str, tmp_path: Path) -> None:
+    """A fresh process, Airflow's own logging set up: the Amazon provider logs the connection it
+    reads and the orphan sweep warns that S3 is unreachable, both on stderr; stdout is the JSON."""
+    connection = {
+        "conn_type": "aws",
+        "login": "key",
+        "password": "pw",  # short: Airflow's secrets masker warns about it, on stderr too
+        "extra": {"endpoint_url": "http://127.0.0.1:1", "config_kwargs": {"retries": {"max_attempts": 1}}},
+    }
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__EXCLUSIVE_XCOM__SECRET_KEY": "cli-test-key",
+        "AIRFLOW__EXCLUSIVE_XCOM__OFFLOAD_PATH": "s3://cli_store@bucket/blobs",
+        "AIRFLOW_CONN_CLI_STORE": json.dumps(connection),
+    }
+    command = [sys.executable, "-m", "exclusive_xcom.cli", "--url", ledger_url, "purge", "--older-than", "0s", "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"] == 0, done.stdout
+    assert "cannot list offloaded payloads" in done.stderr and "AWS Connection" in done.stderr
