@@ -103,8 +103,16 @@ def create_app() -> FastAPI:
         redoc_url=None,
         openapi_url=None,  # served below, behind a login like every other route
     )
-    can_read = [Depends(requires_access_dag("GET"))]
-    can_edit = [Depends(requires_access_dag("PUT"))]
+
+    def sane_dag_id(request: Request, _user: GetUserDep) -> None:
+        """A ``dag_id`` Airflow's check can look up: ``requires_access_dag`` reads the DAG's
+        team from the metadata DB, and PostgreSQL refuses a NUL in text (a 500 otherwise)."""
+        dag_id = request.path_params.get("dag_id") or request.query_params.get("dag_id") or ""
+        if "\x00" in dag_id or len(dag_id) > 250:
+            raise HTTPException(422, "dag_id: at most 250 characters, no NUL")
+
+    can_read = [Depends(sane_dag_id), Depends(requires_access_dag("GET"))]
+    can_edit = [Depends(sane_dag_id), Depends(requires_access_dag("PUT"))]
 
     @app.exception_handler(ExclusiveXComError)
     async def _ledger_failed(_request: Request, exc: ExclusiveXComError) -> JSONResponse:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.ui.server import OPEN_DAG, SECRET_DAG, SECRETS, UIServer, get
 
@@ -148,6 +151,63 @@ def test_the_api_is_documented(server: UIServer) -> None:
         "/api/dags/{dag_id}/items/{item_id}/release",
         "/api/dags/{dag_id}/runs/{run_id}/purge",
     }
+
+
+# -- bad input: never a 500, never a leak ----------------------------------------------------------
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)  # NUL, surrogate-free, control and wide characters
+_NUMBER = st.one_of(st.integers(-(2**70), 2**70).map(str), st.sampled_from(["", "1e3", "0x10", "NaN", "-0", "1.5"]))
+_VALUE = st.one_of(_TEXT, _NUMBER, st.sampled_from([OPEN_DAG, SECRET_DAG, "~", "%", "%00", "'", "*", "ready"]))
+_QUERY = st.dictionaries(
+    st.sampled_from(["dag_id", "run_id", "task_id", "claimed_by", "state", "before_id", "limit", "junk"]),
+    _VALUE,
+    max_size=6,
+)
+_BODY = st.one_of(
+    st.none(),
+    st.just({"confirm": True}),
+    st.dictionaries(st.sampled_from(["confirm", "x"]), st.one_of(st.booleans(), _TEXT, st.integers(), st.none())),
+)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _no_500_no_leak(response: httpx.Response) -> None:
+    assert response.status_code < 500, response.text
+    for secret in SECRETS:
+        assert secret not in response.text
+    assert "Traceback" not in response.text and "postgresql" not in response.text
+
+
+@FUZZ
+@given(path=st.sampled_from(["/api/items", "/api/summary"]), query=_QUERY, user=st.sampled_from(["admin", "outsider"]))
+def test_reads_with_bad_parameters_are_refused_or_answered(
+    server: UIServer, path: str, query: dict[str, str], user: str
+) -> None:
+    with server.client(user) as client:
+        response = client.get(path, params=query)
+    _no_500_no_leak(response)
+    if response.status_code == 200 and user == "outsider" and path == "/api/items":
+        assert SECRET_DAG not in response.text
+
+
+@FUZZ
+@given(
+    action=st.sampled_from(["release", "purge"]),
+    dag=st.one_of(_TEXT.filter(lambda t: t not in (OPEN_DAG, SECRET_DAG)), st.just(f"{OPEN_DAG}x")),
+    target=_VALUE,
+    body=_BODY,
+)
+def test_actions_with_bad_parameters_are_refused_or_change_nothing(
+    server: UIServer, action: str, dag: str, target: str, body: Any
+) -> None:
+    """No DAG here is one of the test's, so an accepted call finds nothing to change."""
+    segment = "items" if action == "release" else "runs"
+    path = f"/api/dags/{quote(dag, safe='')}/{segment}/{quote(target, safe='')}/{action}"
+    with server.client("admin") as client:
+        response = client.post(path, json=body) if body is not None else client.post(path, content=b"{")
+    _no_500_no_leak(response)
+    if response.status_code == 200:
+        assert response.json()["count"] == 0
 
 
 def test_an_action_needs_its_confirmation(server: UIServer) -> None:
