@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tests.support import BACKENDS, SERVERS, PrivatePostgres, create_database, drop_database, server_problem
 
-TIERS = ("unit", "integration", "e2e", "scheduler", "distributed")
+TIERS = ("unit", "integration", "e2e", "scheduler", "distributed", "ui")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks

@@ -47,6 +47,49 @@ class Admin(Transactions):
         stmt = q.claim_records(after_id=after_id, limit=limit, **filters)
         return self._run(lambda conn: list(conn.execute(*stmt).all()))
 
+    def browse(self, *, limit: int, sealed_prefix: bytes, **filters: Any) -> list[dict[str, Any]]:
+        """A page of rows for people, newest first, without payloads
+        (:func:`~exclusive_xcom.ledger.queries.browse_items`), each with its ``view_state``
+        (one of :data:`~exclusive_xcom.ledger.queries.VIEW_STATES`) at the time it was read."""
+        now = self._now()
+        stmt = q.browse_items(now=now, limit=limit, sealed_prefix=sealed_prefix, **filters)
+        rows = self._run(lambda conn: [dict(r._mapping) for r in conn.execute(*stmt)])
+        return [{**row, "view_state": view_state(row, now)} for row in rows]
+
+    def browse_counts(self, **filters: Any) -> dict[str, Any]:
+        """Rows by view state, and when the oldest unconsumed one was made, under a browse's filters."""
+        stmt = q.browse_counts(now=self._now(), **filters)
+        counts = {state: 0 for state in q.VIEW_STATES}
+        oldest: datetime | None = None
+        for row in self._run(lambda conn: conn.execute(*stmt).all()):
+            state = q.EXPIRED if row.state == CLAIMED and row.expired else row.state
+            counts[state] += int(row.n)
+            if state != CONSUMED and row.oldest is not None:
+                oldest = row.oldest if oldest is None else min(oldest, row.oldest)
+        return {"counts": counts, "oldest_unconsumed": oldest}
+
+    def purge_run(
+        self, dag_id: str, run_id: str, *, batch: int = PURGE_BATCH, on_blobs: Callable[[list[str]], Any] | None = None
+    ) -> int:
+        """Delete the consumed items of one run's outputs, one bounded batch per transaction;
+        ``on_blobs`` gets the blobs no remaining row needs. Returns the rows deleted."""
+
+        def tx(conn: sa.Connection) -> tuple[int, list[str]]:
+            rows = conn.execute(*q.run_consumed(dag_id=dag_id, run_id=run_id, limit=batch)).all()
+            if not rows:
+                return 0, []
+            deleted = int(conn.execute(*q.delete_consumed(ids=[r.id for r in rows])).rowcount)
+            return deleted, self._unneeded(conn, [r.payload_uri for r in rows if r.payload_uri])
+
+        total = 0
+        while True:
+            deleted, uris = self._run(tx)
+            total += deleted
+            if uris and on_blobs is not None:
+                on_blobs(uris)
+            if deleted < batch:
+                return total
+
     def counts(self) -> dict[str, int]:
         return self._run(lambda conn: {s: n for s, n in conn.execute(*q.count_by_state())})
 
@@ -156,3 +199,10 @@ class Admin(Transactions):
         """Which of ``uris`` some row references (the orphan sweep keeps those)."""
         stmt = q.needed_uris(uris=uris, keep_consumed=True)
         return set(self._run(lambda conn: list(conn.execute(*stmt).scalars()))) if uris else set()
+
+
+def view_state(row: Any, now: datetime) -> str:
+    """A row's state as people see it: a claim whose lease ran out before ``now`` is expired."""
+    state: str = row["state"]
+    lease = row.get("lease_expires_at")
+    return q.EXPIRED if state == CLAIMED and lease is not None and lease < now else state

@@ -618,6 +618,110 @@ def storage_stats() -> Bound:
     )
 
 
+#: A claim whose lease has run out: still ``claimed`` in the table, free for the next claim
+#: to take over (see :data:`_RECLAIMABLE`); people see it apart from a live claim.
+EXPIRED = "expired"
+#: The states people see (the browse filters): the table's three, a claim split into live
+#: and expired. A released item is ``ready`` again: the ledger keeps no record of a release.
+VIEW_STATES = (READY, CLAIMED, EXPIRED, CONSUMED)
+
+
+def _in_view_state(state: str, now: datetime) -> sa.ColumnElement[bool]:
+    """Rows in one of :data:`VIEW_STATES` at ``now``."""
+    if state == EXPIRED:
+        return sa.and_(item.c.state == _CLAIMED, item.c.lease_expires_at < now)
+    if state == CLAIMED:
+        live = sa.or_(item.c.lease_expires_at.is_(None), item.c.lease_expires_at >= now)
+        return sa.and_(item.c.state == _CLAIMED, live)
+    return item.c.state == {READY: _READY, CONSUMED: _CONSUMED}[state]
+
+
+def _browsed(
+    *,
+    dag_ids: Sequence[str] | None,
+    dag_id: str | None,
+    run_id: str | None,
+    task_id: str | None,
+    claimed_by: str | None,
+) -> list[sa.ColumnElement[bool]]:
+    """The conditions of a browse: ``dag_ids`` (None: any) are the DAGs the reader may see,
+    the rest narrow by producer; ``claimed_by`` is a task of the same run that claimed the
+    row (so it goes through the run index: needs ``dag_id`` and ``run_id``)."""
+    where: list[sa.ColumnElement[bool]] = []
+    if dag_ids is not None:
+        where.append(item.c.dag_id.in_(list(dag_ids)))
+    for col, value in ((item.c.dag_id, dag_id), (item.c.run_id, run_id), (item.c.task_id, task_id)):
+        if value is not None:
+            where.append(col == value)
+    if claimed_by is not None:
+        if dag_id is None or run_id is None:
+            raise ValueError("claimed_by needs dag_id and run_id (the run index)")
+        where += [item.c.owner_dag_id == dag_id, item.c.owner_run_id == run_id, item.c.owner_task_id == claimed_by]
+    return where
+
+
+def browse_items(
+    *,
+    now: datetime,
+    limit: int,
+    sealed_prefix: bytes,
+    before_id: int | None = None,
+    dag_ids: Sequence[str] | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    task_id: str | None = None,
+    claimed_by: str | None = None,
+    state: str | None = None,
+) -> Bound:
+    """A page of rows for the UI, newest first, below ``before_id`` (keyset on the primary key).
+
+    Never the payload: only whether an inline one starts with ``sealed_prefix`` (the
+    encrypted format's header; NULL when there is none to look at: offloaded, or dropped
+    on consume).
+    """
+    cols = [c for c in item.c if c.name != "payload"]
+    head = sa.func.substr(item.c.payload, 1, len(sealed_prefix))
+    sealed = sa.case(
+        (item.c.payload.is_(None), sa.null()),
+        (head == sa.literal(sealed_prefix, sa.LargeBinary()), sa.true()),
+        else_=sa.false(),
+    ).label("sealed")
+    where = _browsed(dag_ids=dag_ids, dag_id=dag_id, run_id=run_id, task_id=task_id, claimed_by=claimed_by)
+    if state is not None:
+        where.append(_in_view_state(state, now))
+    if before_id is not None:
+        where.append(item.c.id < before_id)
+    return Bound(sa.select(*cols, sealed).where(*where).order_by(item.c.id.desc()).limit(limit))
+
+
+def browse_counts(
+    *,
+    now: datetime,
+    dag_ids: Sequence[str] | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    task_id: str | None = None,
+    claimed_by: str | None = None,
+) -> Bound:
+    """Rows by table state and whether a claim's lease has run out, with the oldest created,
+    under a browse's conditions: the counts by :data:`VIEW_STATES` and the oldest unconsumed item."""
+    expired = sa.case((item.c.lease_expires_at < now, 1), else_=0).label("expired")
+    where = _browsed(dag_ids=dag_ids, dag_id=dag_id, run_id=run_id, task_id=task_id, claimed_by=claimed_by)
+    stmt = sa.select(item.c.state, expired, sa.func.count().label("n"), sa.func.min(item.c.created_at).label("oldest"))
+    return Bound(stmt.where(*where).group_by(item.c.state, expired))
+
+
+def run_consumed(*, dag_id: str, run_id: str, limit: int) -> Bound:
+    """Up to ``limit`` consumed rows of one run's outputs (the run index), to purge them."""
+    where = (item.c.dag_id == dag_id, item.c.run_id == run_id, item.c.state == _CONSUMED)
+    return Bound(sa.select(item.c.id, item.c.payload_uri).where(*where).order_by(item.c.id).limit(limit))
+
+
+def delete_consumed(*, ids: Sequence[int]) -> Bound:
+    """Those of ``ids`` that are consumed (checked again as they are deleted)."""
+    return Bound(sa.delete(item).where(item.c.id.in_(list(ids)), item.c.state == _CONSUMED))
+
+
 class Purgeable(NamedTuple):
     """Rows retention may delete: consumed before ``consumed_before``, or (when
     ``expired_before`` is set) created before it, unconsumed and not under a live claim at ``now``."""

@@ -3,7 +3,7 @@
 The ledger fills up with consumed history for months; a statement that scans the table
 gets slower with every row, which is exactly what the claimable partial index and the
 primary-key walks exist to prevent. Each statement the claim path sends, and those that
-look for outputs nobody reads (``stats``, ``ls --unread``), is EXPLAINed on a ledger of
+look for outputs nobody reads (``stats``, ``ls --unread``), and the UI's pages, is EXPLAINed on a ledger of
 20,000 mostly consumed items (statistics refreshed), on each database.
 """
 
@@ -124,6 +124,19 @@ def _statements(dialect: str) -> dict[str, q.Bound]:
         "purge_delete_consumed": q.delete_purgeable(which=consumed_only, ids=first_ids),
         "waiting_by_producer": q.waiting_by_producer(unread_before=NOW - timedelta(days=1)),
         "ls_unread": q.select_items(dag_id="d", task_id="live", unread_before=NOW - timedelta(days=1), limit=51),
+        # The UI's pages (exclusive_xcom/ui): newest first under the readable DAGs, a run, a task's claims.
+        "browse_page": q.browse_items(now=NOW, limit=51, sealed_prefix=b"\x00xx1", dag_ids=["d", "other"]),
+        "browse_next_page": q.browse_items(
+            now=NOW, limit=51, sealed_prefix=b"\x00xx1", dag_ids=["d"], before_id=HISTORY, state="consumed"
+        ),
+        "browse_run": q.browse_items(
+            now=NOW, limit=51, sealed_prefix=b"\x00xx1", dag_ids=["d"], dag_id="d", run_id="r", task_id="live"
+        ),
+        # Every row here is of run "r": a task-instance tab is of a run that is a small part of the ledger.
+        "browse_claimed_by": q.browse_items(
+            now=NOW, limit=51, sealed_prefix=b"\x00xx1", dag_ids=["d"], dag_id="d", run_id="r2", claimed_by="worker"
+        ),
+        "run_consumed": q.run_consumed(dag_id="d", run_id="r", limit=1000),
         **one_statement,
     }
 
