@@ -3,14 +3,17 @@
 A user logs in through Airflow's own login form, opens "Exclusive outputs" from Airflow's
 UI (the plugin's page in the UI's iframe) and the tab of the task instance that consumed
 the queue of a real run, and finds the rows the ledger holds; then releases a stuck claim
-through the page's confirmation. A screenshot of each page goes to ``docs/img`` (the
-README shows one). Only in the full run (``browser``): starting a browser and a server
-costs half a minute.
+through the page's confirmation. A screenshot of each page is written to the folder
+``EXCLUSIVE_XCOM_SCREENSHOTS`` names (``docs/img`` refreshes the README's), else to
+``exclusive_xcom_screenshots`` in the temporary folder, so a test run leaves the checkout
+as it was. Only in the full run (``browser``): starting a browser and a server costs half
+a minute.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "img"
+IMAGES = Path(
+    os.environ.get("EXCLUSIVE_XCOM_SCREENSHOTS") or Path(tempfile.gettempdir()) / "exclusive_xcom_screenshots"
+)
 TIMEOUT_MS = 30_000
 
 
