@@ -30,7 +30,8 @@ class Admin(Transactions):
 
     def release_any(self, ids: Sequence[int]) -> int:
         """Free stuck claims whoever holds them (an operator's decision, CLI ``release``)."""
-        return self._run(lambda conn: conn.execute(*q.release_any(ids=ids)).rowcount)
+        stmt = q.release_any(ids=ids, now=self._now())
+        return self._run(lambda conn: conn.execute(*stmt).rowcount)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -62,7 +63,7 @@ class Admin(Transactions):
         counts = {state: 0 for state in q.VIEW_STATES}
         oldest: datetime | None = None
         for row in self._run(lambda conn: conn.execute(*stmt).all()):
-            state = q.EXPIRED if row.state == CLAIMED and row.expired else row.state
+            state = _seen(row.state, expired=bool(row.expired), released=bool(row.released))
             counts[state] += int(row.n)
             if state != CONSUMED and row.oldest is not None:
                 oldest = row.oldest if oldest is None else min(oldest, row.oldest)
@@ -201,8 +202,16 @@ class Admin(Transactions):
         return set(self._run(lambda conn: list(conn.execute(*stmt).scalars()))) if uris else set()
 
 
-def view_state(row: Any, now: datetime) -> str:
-    """A row's state as people see it: a claim whose lease ran out before ``now`` is expired."""
-    state: str = row["state"]
+def view_state(row: dict[str, Any], now: datetime) -> str:
+    """A row's state as people see it (:data:`~exclusive_xcom.ledger.queries.VIEW_STATES`) at ``now``."""
     lease = row.get("lease_expires_at")
-    return q.EXPIRED if state == CLAIMED and lease is not None and lease < now else state
+    return _seen(row["state"], expired=lease is not None and lease < now, released=row.get("released_at") is not None)
+
+
+def _seen(state: str, *, expired: bool, released: bool) -> str:
+    """A claim whose lease ran out is expired; a ready item once claimed and given back is released."""
+    if state == CLAIMED and expired:
+        return q.EXPIRED
+    if state == READY and released:
+        return q.RELEASED
+    return state

@@ -305,7 +305,7 @@ class Ledger(Schema, Admin):
 
     def release(self, claimant: Claimant, ids: Sequence[int]) -> int:
         """Give claims back to the pool (the task failed for good); fenced like finish."""
-        stmt = q.release(claimant=claimant, ids=ids)
+        stmt = q.release(claimant=claimant, ids=ids, now=self._now())
         return self._run(lambda conn: conn.execute(*stmt).rowcount)
 
     def release_held(self, claimant: Claimant, outputs: Sequence[tuple[Output, int]]) -> int:
@@ -313,7 +313,8 @@ class Ledger(Schema, Admin):
         transaction: the claims it knows of and any whose reply it never got."""
 
         def tx(conn: sa.Connection) -> int:
-            held = (q.release_held(claimant=claimant, output_id=o.output_id, generation=g) for o, g in outputs)
+            now = self._now()
+            held = (q.release_held(claimant=claimant, output_id=o.output_id, generation=g, now=now) for o, g in outputs)
             return sum(conn.execute(*stmt).rowcount for stmt in held)
 
         return self._run(tx)

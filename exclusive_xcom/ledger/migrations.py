@@ -276,6 +276,16 @@ def _v8(conn: sa.Connection) -> None:
     )
 
 
+def _v9(conn: sa.Connection) -> None:
+    """When a claim was given back: a released item is told apart from one never claimed."""
+    kind = (
+        "DATETIME(6)"
+        if conn.dialect.name in _MYSQL
+        else ("TIMESTAMP" if conn.dialect.name == "postgresql" else "DATETIME")
+    )
+    _add_columns(conn, _ITEM, {"released_at": kind})
+
+
 def _has_index(conn: sa.Connection, name: str) -> bool:
     return sa.inspect(conn).has_index(_ITEM, name)
 
@@ -294,7 +304,7 @@ def _add_columns(conn: sa.Connection, table: str, columns: dict[str, str]) -> No
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 #: From this version on every claim and consume records who made it (task instance and host).
 RECORDING_VERSION = 8
 if len(MIGRATIONS) != SCHEMA_VERSION:  # schema.py's tables are of the version the last step makes

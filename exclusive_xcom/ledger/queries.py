@@ -396,9 +396,9 @@ def extend_lease(*, claimant: Claimant, ids: Sequence[int], lease: datetime) -> 
     return Bound(_EXTEND_LEASE, {"ids": list(ids), "lease": lease, **_owner(claimant)})
 
 
-def release(*, claimant: Claimant, ids: Sequence[int]) -> Bound:
+def release(*, claimant: Claimant, ids: Sequence[int], now: datetime) -> Bound:
     """Give back rows still claimed by exactly this try (a task that failed for good)."""
-    return Bound(_RELEASE, {"ids": list(ids), **_owner(claimant)})
+    return Bound(_RELEASE, {"ids": list(ids), "now": now, **_owner(claimant)})
 
 
 def select_by_ids(*, ids: Sequence[int]) -> Bound:
@@ -418,12 +418,13 @@ def count_output(*, output_id: str, generation: int, slot: str | None = None) ->
     return Bound(stmt if slot is None else stmt.where(item.c.slot == slot))
 
 
-def release_any(*, ids: Sequence[int]) -> Bound:
+def release_any(*, ids: Sequence[int], now: datetime) -> Bound:
     """Operator's override (CLI ``release``): free a stuck claim whoever holds it."""
-    return Bound(sa.update(item).where(item.c.id.in_(ids), item.c.state == _CLAIMED).values(**_UNCLAIMED))
+    stmt = sa.update(item).where(item.c.id.in_(ids), item.c.state == _CLAIMED).values(**_UNCLAIMED)
+    return Bound(stmt, {"now": now})
 
 
-_UNCLAIMED = {
+_UNCLAIMED: dict[str, Any] = {
     "state": READY,
     "owner_dag_id": None,
     "owner_run_id": None,
@@ -434,6 +435,7 @@ _UNCLAIMED = {
     "lease_expires_at": None,
     "owner_ti_id": None,
     "owner_host": None,
+    "released_at": _P("now"),
 }
 _RELEASE = sa.update(item).where(_HELD).values(**_UNCLAIMED)
 _RELEASE_HELD = (
@@ -449,10 +451,10 @@ _RELEASE_HELD = (
 )
 
 
-def release_held(*, claimant: Claimant, output_id: str, generation: int) -> Bound:
+def release_held(*, claimant: Claimant, output_id: str, generation: int, now: datetime) -> Bound:
     """Give back every row of one output this try holds, whether it knows their ids or not
     (a drain that died between batches, a claim whose reply was lost): the try failed for good."""
-    return Bound(_RELEASE_HELD, {"p_output": output_id, "p_gen": generation, **_owner(claimant)})
+    return Bound(_RELEASE_HELD, {"p_output": output_id, "p_gen": generation, "now": now, **_owner(claimant)})
 
 
 def unconsumed_uris(*, output_id: str) -> Bound:
@@ -621,9 +623,12 @@ def storage_stats() -> Bound:
 #: A claim whose lease has run out: still ``claimed`` in the table, free for the next claim
 #: to take over (see :data:`_RECLAIMABLE`); people see it apart from a live claim.
 EXPIRED = "expired"
+#: An item whose claim was given back (``released_at`` set, schema version 9): ``ready`` in
+#: the table, claimable as any ready item; people see it apart from one never claimed.
+RELEASED = "released"
 #: The states people see (the browse filters): the table's three, a claim split into live
-#: and expired. A released item is ``ready`` again: the ledger keeps no record of a release.
-VIEW_STATES = (READY, CLAIMED, EXPIRED, CONSUMED)
+#: and expired, a ready item split into never claimed and released.
+VIEW_STATES = (READY, CLAIMED, EXPIRED, RELEASED, CONSUMED)
 
 
 def _in_view_state(state: str, now: datetime) -> sa.ColumnElement[bool]:
@@ -633,7 +638,11 @@ def _in_view_state(state: str, now: datetime) -> sa.ColumnElement[bool]:
     if state == CLAIMED:
         live = sa.or_(item.c.lease_expires_at.is_(None), item.c.lease_expires_at >= now)
         return sa.and_(item.c.state == _CLAIMED, live)
-    return item.c.state == {READY: _READY, CONSUMED: _CONSUMED}[state]
+    if state == RELEASED:
+        return sa.and_(item.c.state == _READY, item.c.released_at.is_not(None))
+    if state == READY:
+        return sa.and_(item.c.state == _READY, item.c.released_at.is_(None))
+    return item.c.state == _CONSUMED
 
 
 def _browsed(
@@ -703,12 +712,15 @@ def browse_counts(
     task_id: str | None = None,
     claimed_by: str | None = None,
 ) -> Bound:
-    """Rows by table state and whether a claim's lease has run out, with the oldest created,
-    under a browse's conditions: the counts by :data:`VIEW_STATES` and the oldest unconsumed item."""
+    """Rows by table state, whether a claim's lease has run out and whether a claim was given
+    back, with the oldest created, under a browse's conditions: the counts by
+    :data:`VIEW_STATES` and the oldest unconsumed item."""
     expired = sa.case((item.c.lease_expires_at < now, 1), else_=0).label("expired")
+    released = sa.case((item.c.released_at.is_not(None), 1), else_=0).label("released")
     where = _browsed(dag_ids=dag_ids, dag_id=dag_id, run_id=run_id, task_id=task_id, claimed_by=claimed_by)
-    stmt = sa.select(item.c.state, expired, sa.func.count().label("n"), sa.func.min(item.c.created_at).label("oldest"))
-    return Bound(stmt.where(*where).group_by(item.c.state, expired))
+    count, oldest = sa.func.count().label("n"), sa.func.min(item.c.created_at).label("oldest")
+    stmt = sa.select(item.c.state, expired, released, count, oldest)
+    return Bound(stmt.where(*where).group_by(item.c.state, expired, released))
 
 
 def run_consumed(*, dag_id: str, run_id: str, limit: int) -> Bound:

@@ -29,7 +29,7 @@ STATES = (READY, CLAIMED, CONSUMED)
 
 #: The version of the schema these tables are: a change to them is a new step at the end of
 #: ``migrations.MIGRATIONS``, which must then be this long (checked when it is imported).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 metadata = sa.MetaData()
 
@@ -93,6 +93,9 @@ item = sa.Table(
     sa.Column("owner_host", _Host, nullable=True),
     sa.Column("consumed_ti_id", _TiId, nullable=True),
     sa.Column("consumed_host", _Host, nullable=True),
+    # Version 9: when a claim was last given back (a try that failed for good, an operator's
+    # release) rather than left to expire: people see such an item as "released".
+    sa.Column("released_at", _Time, nullable=True),
     sa.UniqueConstraint("output_id", "generation", "slot", "seq", name="uq_exclusive_xcom_item"),
     sa.Index("ix_exclusive_xcom_item_run", "dag_id", "run_id", "task_id"),
     # Ids are references held across transactions (a claimant's ids, the CLI's `release ID`):

@@ -36,7 +36,7 @@ MAX_PAGE = 500
 #: The largest id a ledger can hold (a signed 64-bit primary key): a cursor beyond is refused, not sent.
 MAX_ID = 2**63 - 1
 
-ViewState = Literal["ready", "claimed", "expired", "consumed"]
+ViewState = Literal["ready", "claimed", "expired", "released", "consumed"]
 assert set(VIEW_STATES) == set(ViewState.__args__)  # type: ignore[attr-defined]
 # As long as the ledger's columns; no NUL (PostgreSQL refuses it in text, so it could only fail).
 Name = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=r"^[^\x00]+$")]
@@ -55,7 +55,12 @@ class ItemView(BaseModel):
     consumers: list[str]
     slot: str
     seq: int
-    state: ViewState = Field(description="ready, claimed (live lease), expired (lease ran out), consumed")
+    state: ViewState = Field(
+        description=(
+            "ready (never claimed), claimed (live lease), expired (lease ran out), "
+            "released (claimed, then given back), consumed"
+        )
+    )
     owner_dag_id: str | None
     owner_run_id: str | None
     owner_task_id: str | None
@@ -77,7 +82,7 @@ class ItemPage(BaseModel):
 
 
 class Summary(BaseModel):
-    counts: dict[str, int] = Field(description="rows by state (ready, claimed, expired, consumed)")
+    counts: dict[str, int] = Field(description="rows by state (ready, claimed, expired, released, consumed)")
     oldest_unconsumed: datetime | None
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from exclusive_xcom.ledger import ITEMS, Ledger, Output
-from exclusive_xcom.ledger.queries import EXPIRED
+from exclusive_xcom.ledger.queries import EXPIRED, RELEASED
 from exclusive_xcom.payload import MAGIC
 from tests.conftest import FakeClock
 from tests.integration.conftest import DAG, RUN, production, request, who
@@ -42,7 +42,7 @@ def test_rows_carry_their_view_state_and_whether_they_are_sealed(filled: Ledger)
 
 def test_counts_and_the_oldest_unconsumed_follow_the_filters(filled: Ledger) -> None:
     run = filled.browse_counts(dag_id=DAG, run_id=RUN)
-    assert run["counts"] == {"ready": 2, "claimed": 1, "expired": 1, "consumed": 1}
+    assert run["counts"] == {"ready": 2, "claimed": 1, "expired": 1, "released": 0, "consumed": 1}
     assert run["oldest_unconsumed"] is not None
     readable = filled.browse_counts(dag_ids=[DAG])
     assert sum(readable["counts"].values()) == 7  # not the other DAG's two
@@ -66,3 +66,23 @@ def test_purging_a_run_deletes_its_consumed_items_only(filled: Ledger) -> None:
     assert filled.browse_counts(dag_id=DAG, run_id=RUN)["counts"]["consumed"] == 0
     assert sum(filled.browse_counts()["counts"].values()) == 8
     assert filled.purge_run(DAG, OTHER_RUN) == 0
+
+
+def test_a_claim_given_back_reads_as_released_until_it_is_claimed_again(filled: Ledger) -> None:
+    """By its own try failing for good, or by an operator: both record when, and the item is
+    claimable again as any ready one (schema version 9)."""
+    held = filled.browse(limit=50, sealed_prefix=MAGIC, dag_id=DAG, run_id=RUN, state="claimed")
+    (live,) = [r["id"] for r in held]
+    assert filled.release(who("load", try_number=2), [live]) == 1
+    (stale,) = [r["id"] for r in filled.browse(limit=50, sealed_prefix=MAGIC, dag_id=DAG, run_id=RUN, state=EXPIRED)]
+    assert filled.release_any([stale]) == 1
+
+    released = filled.browse(limit=50, sealed_prefix=MAGIC, dag_id=DAG, run_id=RUN, state=RELEASED)
+    assert sorted(r["id"] for r in released) == sorted([live, stale])
+    assert {r["view_state"] for r in released} == {RELEASED} and all(r["released_at"] for r in released)
+    counts = filled.browse_counts(dag_id=DAG, run_id=RUN)["counts"]
+    assert counts == {"ready": 2, "claimed": 0, "expired": 0, "released": 2, "consumed": 1}
+
+    again = filled.claim(who("audit", try_number=2), [request(ITEMS, ["load", "audit"], limit=4)]).ids
+    assert {live, stale} <= set(again)
+    assert filled.browse_counts(dag_id=DAG, run_id=RUN)["counts"]["released"] == 0

@@ -29,7 +29,7 @@ from exclusive_xcom.ledger import (
     inputs_key,
 )
 from exclusive_xcom.ledger.engine import _engines
-from exclusive_xcom.ledger.migrations import MIGRATIONS, RECORDED_SINCE, SCHEMA_VERSION
+from exclusive_xcom.ledger.migrations import MIGRATIONS, RECORDED_SINCE, RECORDING_VERSION, SCHEMA_VERSION
 from exclusive_xcom.ledger.schema import fence, item, meta
 from tests.conftest import drop_ledger_database, new_ledger_database
 from tests.integration.conftest import rows as item_rows
@@ -214,7 +214,7 @@ def test_a_version_6_fence_learns_to_remember_finishes_keeping_its_rows(ledger_u
     engine.dispose()
 
 
-@pytest.mark.parametrize("start", range(1, SCHEMA_VERSION))
+@pytest.mark.parametrize("start", range(1, RECORDING_VERSION))
 def test_a_ledger_of_every_earlier_version_is_upgraded_and_then_records_who_claims(ledger_url: str, start: int) -> None:
     """From any version: the rows and a claim in flight survive; from then on claims and consumes
     record their task instance and host, and the ledger says since when (older ones record none)."""
@@ -246,6 +246,30 @@ def test_a_ledger_of_every_earlier_version_is_upgraded_and_then_records_who_clai
     assert {i: made[i] for i in rest} == dict.fromkeys(rest, (other.ti_id, "w2", other.ti_id, "w2"))
     assert ledger.counts() == {"consumed": 5}
     assert ledger.migrate() == SCHEMA_VERSION and ledger.recorded_since() == since, "stamped once"
+    engine.dispose()
+
+
+def test_a_version_8_ledger_learns_to_tell_released_items_apart(ledger_url: str) -> None:
+    """Version 9 adds released_at: rows from before read as never released; from then on a
+    claim given back (by its try, or by an operator) is recorded, and stays claimable."""
+    engine = create_engine(ledger_url)
+    _make_version(engine, 8)
+    _produce_as_v1(engine, 4)
+    holder = Claimant(DAG, RUN, "drain", map_index=0)
+    held = _claim_as_v1(engine, holder, 2)
+    assert "released_at" not in _columns(engine)
+
+    ledger = Ledger(engine)
+    assert ledger.migrate() == SCHEMA_VERSION
+    assert all(r["released_at"] is None for r in ledger.items()), "nothing was released before"
+    assert ledger.release(holder, held[:1]) == 1 and ledger.release_any(held[1:]) == 1
+    released = {r["id"]: r for r in ledger.items() if r["released_at"] is not None}
+    assert set(released) == set(held) and all(r["state"] == "ready" for r in released.values())
+    other = Claimant(DAG, RUN, "drain", map_index=1)
+    again = ledger.claim(other, [REQUEST]).ids
+    assert set(held) <= set(again), "a released item is claimable as any ready one"
+    ledger.finish(other, again)
+    assert ledger.counts() == {"consumed": 4}
     engine.dispose()
 
 

@@ -31,6 +31,7 @@ ADDED_COLUMNS = {
     4: {(item.name, "payload_sha256")},
     7: {(fence.name, "finished_try"), (fence.name, "finished_inputs")},
     8: {(item.name, c) for c in ("owner_ti_id", "owner_host", "consumed_ti_id", "consumed_host")},
+    9: {(item.name, "released_at")},
 }
 
 
@@ -53,6 +54,7 @@ def _history(dialect: str) -> dict[int, set[str]]:
         6: set() if on_mysql else {"-index ix_exclusive_xcom_item_state"},
         7: {f"+column {t}.{c}" for t, c in ADDED_COLUMNS[7]},
         8: {f"+column {t}.{c}" for t, c in ADDED_COLUMNS[8]},
+        9: {f"+column {t}.{c}" for t, c in ADDED_COLUMNS[9]},
     }
 
 

@@ -109,7 +109,7 @@ def test_rows_show_producer_consumers_claims_and_storage_never_a_payload(server:
     assert seeded[ids["claimed"]]["state"] == "claimed" and seeded[ids["claimed"]]["owner_task_id"] == "work"
     assert seeded[ids["expired"]]["state"] == "expired" and seeded[ids["expired"]]["owner_task_id"] == "audit"
     assert sorted(str(i["encrypted"]) for i in seeded.values()) == ["False", "False", "False", "True"]
-    assert summary["counts"] == {"ready": 2, "claimed": 1, "expired": 1, "consumed": 6}
+    assert summary["counts"] == {"ready": 2, "claimed": 1, "expired": 1, "released": 0, "consumed": 6}
     assert summary["oldest_unconsumed"] is not None
 
 
@@ -226,8 +226,8 @@ def test_releasing_a_stuck_claim_frees_it_and_logs_who_did(server: UIServer) -> 
         assert response.status_code == 200, response.text
         assert response.json()["count"] == 1
         assert client.post(f"/api/dags/{OPEN_DAG}/items/{item}/release", json=CONFIRM).status_code == 409
-        ready = [i["id"] for i in get(client, "/api/items", dag_id=OPEN_DAG, state="ready").json()["items"]]
-    assert item in ready
+        released = [i["id"] for i in get(client, "/api/items", dag_id=OPEN_DAG, state="released").json()["items"]]
+    assert item in released, "released, and seen apart from the items never claimed"
     line = f"user op released item {item} of {OPEN_DAG}/{server.runs[OPEN_DAG]}/seeded, claimed by"
     _wait_for_log(server, line)
 
@@ -240,7 +240,7 @@ def test_purging_a_run_deletes_its_consumed_items_and_logs_who_did(server: UISer
         assert response.json()["count"] == 6
         counts = get(client, "/api/summary", dag_id=OPEN_DAG).json()["counts"]
         secret_counts = get(client, "/api/summary", dag_id=SECRET_DAG).json()["counts"]
-    assert counts["consumed"] == 0 and counts["ready"] == 3
+    assert counts["consumed"] == 0 and counts["ready"] + counts["released"] == 3
     assert secret_counts["consumed"] == 6  # another DAG's run is untouched
     _wait_for_log(server, f"user admin purged 6 consumed item(s) of {OPEN_DAG}/{run}")
 

@@ -126,4 +126,4 @@ def test_releasing_from_the_page_asks_first(page: Any, server: UIServer) -> None
     assert frame.locator(f"tr[data-id='{item}'] td").nth(4).inner_text() == "expired"  # nothing yet
     frame.get_by_role("button", name="Confirm").click()
     frame.get_by_text(f"released item {item}").wait_for()
-    assert frame.locator(f"tr[data-id='{item}'] td").nth(4).inner_text() == "ready"
+    assert frame.locator(f"tr[data-id='{item}'] td").nth(4).inner_text() == "released"
