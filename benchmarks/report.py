@@ -95,6 +95,8 @@ def goals(cases: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(goal: str, target: str, values: list[float], met: bool | None, unit: str = "") -> None:
+        if not values:  # its case did not run
+            return
         shown = " / ".join(f"{v:,.3f}{unit}" if v < 100 else f"{v:,.0f}{unit}" for v in values) or "n/a"
         rows.append(
             {"goal": goal, "target": target, "measured": shown, "met": "n/a" if met is None or not values else met}
