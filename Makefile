@@ -29,4 +29,4 @@ bench-full: bench-deps
 	$(PYTHON) -m benchmarks $(BENCH_ARGS) --out benchmarks/results
 
 bench-deps:
-	@$(PYTHON) -c "import pgqueuer, matplotlib, psycopg, pymysql" 2>/dev/null || $(PYTHON) -m pip install -e '.[bench]'
+	@$(PYTHON) -c "import pgqueuer, matplotlib, psycopg, pymysql, redis" 2>/dev/null || $(PYTHON) -m pip install -e '.[bench]'

@@ -4,7 +4,7 @@ Cases (one module each): 1 :mod:`~benchmarks.claim_path`, 2 :mod:`~benchmarks.dr
 3 :mod:`~benchmarks.scale`, 4 :mod:`~benchmarks.airflow_overhead`, 5 :mod:`~benchmarks.peak_memory`,
 and :mod:`~benchmarks.anatomy` (where the claim path spends its time; full runs only).
 Each case works in databases of its own, created on the servers given and dropped after.
-Nothing here asserts a timing: the figures are reported, with the goals of issue #5 beside them.
+Nothing here asserts a timing: the figures are reported, with the goals of issues #18 and #5 beside them.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--mysql-url", default="mysql+pymysql://root@127.0.0.1:3306/test")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="Redis for the reference peer (keys under a random prefix)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short variant of every case (under 2 minutes)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for results.json and results.png")
     parser.add_argument("--cases", default="", help=f"comma-separated subset of: {', '.join(CASES)}")
@@ -72,7 +77,23 @@ def machine(settings: Settings) -> dict[str, Any]:
         info["mariadb_settings"] = {
             "innodb_flush_log_at_trx_commit": conn.exec_driver_sql("SELECT @@innodb_flush_log_at_trx_commit").scalar()
         }
+    info["redis"] = _redis(settings.redis_url)
     return info
+
+
+def _redis(url: str) -> dict[str, Any]:
+    """The reference peer's version and persistence (read only; nothing is reconfigured)."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        try:
+            settings = {name: client.config_get(name).get(name) for name in ("save", "appendonly")}
+            return {"version": client.info("server")["redis_version"], **settings}
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+        return {"error": repr(exc)}
 
 
 def _cpu_model() -> str:
@@ -92,7 +113,9 @@ def _version(package: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    settings = Settings(pg_url=args.pg_url, mysql_url=args.mysql_url, out=args.out, quick=args.quick)
+    settings = Settings(
+        pg_url=args.pg_url, mysql_url=args.mysql_url, out=args.out, quick=args.quick, redis_url=args.redis_url
+    )
     chosen = [c for c in (args.cases.split(",") if args.cases else CASES) if c]
     unknown = set(chosen) - set(CASES)
     if unknown:

@@ -55,7 +55,7 @@ def _request(limit: int = 1) -> ClaimRequest:
 
 def run(settings: Settings) -> dict[str, Any]:
     cycles = 100 if settings.quick else 200
-    rows, profile = [], {}
+    rows, profile, server = [], {}, {}
     for db, url, options in (
         ("postgresql", settings.pg_url, DURABILITY["async"]),
         ("mariadb", settings.mysql_url, {}),
@@ -78,9 +78,16 @@ def run(settings: Settings) -> dict[str, Any]:
                     }
                     for limit in BATCHES:
                         rows += _raw_reference(bench_url, cycles, limit)
+                    server = server_side(ledger, bench_url, 20 if settings.quick else 50)
             finally:
                 ledger.engine.dispose()
-    return {"rows": rows, "statements": _statement_texts(), "build_us": _build_cost(), "profile": profile}
+    return {
+        "rows": rows,
+        "statements": _statement_texts(),
+        "build_us": _build_cost(),
+        "profile": profile,
+        "server_side": server,
+    }
 
 
 def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
@@ -175,6 +182,84 @@ def _raw_reference(url: str, cycles: int, limit: int) -> list[dict[str, Any]]:
         }
         for i, call in enumerate(("claim", "consume"))
     ]
+
+
+def server_side(ledger: Ledger, url: str, rounds: int, limit: int = 100) -> dict[str, Any]:
+    """What the server spends on a claim and on a consume of ``limit`` items: each statement run
+    through ``EXPLAIN (ANALYZE, BUFFERS)`` (which runs it, in autocommit: a real drain), for the
+    library's statements as it sends them, the same by hand on the ledger table and on a narrow
+    table. Median execution and planning ms, buffers of the median round, one plan each."""
+    import psycopg
+
+    from benchmarks.db import create_raw_queue, libpq_params
+    from benchmarks.workloads import LEDGER_SHAPE_CLAIM, LEDGER_SHAPE_CONSUME, TWO_TX_CLAIM, TWO_TX_CONSUME
+
+    sent: list[tuple[str, Any]] = []
+    capture = lambda _c, _cur, statement, params, _ctx, _many: sent.append((statement, params))  # noqa: E731
+    claimant = _claimant()
+    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
+    try:
+        (claimed,) = ledger.claim(claimant, [_request(limit)]).claims
+        ledger.finish(claimant, claimed.ids)
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
+    (lib_claim, lib_params), (lib_consume, lib_consume_params) = sent
+    fresh = Output(DAG, RUN, "library_fresh")  # the library too claims from a pool nobody has drained yet
+    fill_items(ledger.engine, fresh, (rounds + 2) * limit, consumers=CONSUMERS)
+    lib_params = {**lib_params, "p_output": fresh.output_id}
+    me = {"dag": DAG, "run": RUN, "task": CONSUMER, "index": 0, "ti": claimant.ti_id, "host": claimant.host}
+    held_by_me = {
+        "library": "SELECT id FROM exclusive_xcom_item WHERE state = 'claimed' AND owner_ti_id = %(ti)s",
+        "by hand, ledger table": "SELECT id FROM exclusive_xcom_item WHERE state = 'claimed' AND owner_ti_id = %(ti)s",
+        "by hand, narrow table": "SELECT id FROM raw_server_side WHERE state = 'claimed' AND owner = %(owner)s",
+    }
+    conn = psycopg.connect(**libpq_params(url), autocommit=True)
+    out: dict[str, Any] = {"batch": limit, "rounds": rounds}
+    try:
+        create_raw_queue(conn, "raw_server_side", (rounds + 2) * limit)
+        fill_items(ledger.engine, Output(DAG, RUN, "by_hand"), (rounds + 2) * limit, consumers=CONSUMERS)
+        by_hand = Output(DAG, RUN, "by_hand").output_id
+        contenders = {
+            "library": (lib_claim, lib_params, lib_consume, lib_consume_params),
+            "by hand, ledger table": (
+                LEDGER_SHAPE_CLAIM,
+                {**me, "pool": by_hand, "n": limit},
+                LEDGER_SHAPE_CONSUME,
+                me,
+            ),
+            "by hand, narrow table": (
+                TWO_TX_CLAIM.format(t="raw_server_side"),
+                {"n": limit, "owner": "me"},
+                TWO_TX_CONSUME.format(t="raw_server_side"),
+                {"owner": "me"},
+            ),
+        }
+        for name, (claim, claim_params, consume, consume_params) in contenders.items():
+            seen: dict[str, list[tuple[float, float, str]]] = {"claim": [], "consume": []}
+            for _ in range(rounds):
+                seen["claim"].append(_analyzed(conn, claim, claim_params))
+                ids = [r[0] for r in conn.execute(held_by_me[name], {**me, "owner": "me"}).fetchall()]
+                seen["consume"].append(_analyzed(conn, consume, {**consume_params, "ids": ids, "n": len(ids)}))
+            for call, runs in seen.items():
+                ordered = sorted(runs)
+                median_run = ordered[len(ordered) // 2]
+                out[f"{name}: {call}"] = {
+                    "execution_ms": round(median_run[0], 3),
+                    "planning_ms": round(sorted(r[1] for r in runs)[len(runs) // 2], 3),
+                    "buffers": re.findall(r"Buffers: .*", median_run[2])[:1],
+                    "plan": median_run[2],
+                }
+    finally:
+        conn.close()
+    return out
+
+
+def _analyzed(conn: Any, statement: str, params: Any) -> tuple[float, float, str]:
+    """Execution ms, planning ms and the plan of one run of ``statement``."""
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, params).fetchall())
+    execution = float(re.search(r"Execution Time: ([\d.]+)", plan).group(1))  # type: ignore[union-attr]
+    planning = re.search(r"Planning Time: ([\d.]+)", plan)
+    return execution, float(planning.group(1)) if planning else 0.0, plan
 
 
 def _round_trips(url: str, cycles: int) -> dict[str, dict[str, float]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,6 +155,20 @@ CREATE INDEX {table}_ready ON {table} (id) WHERE state = 'ready';
 """
 
 
+#: The same table on MariaDB, which has no partial index: ready rows by (state, id).
+RAW_TABLE_DDL_MARIADB = """
+CREATE TABLE {table} (
+    id bigint AUTO_INCREMENT PRIMARY KEY,
+    state varchar(16) NOT NULL,
+    owner varchar(250),
+    payload longblob,
+    claimed_at datetime(6),
+    consumed_at datetime(6),
+    KEY {table}_ready (state, id)
+) ENGINE=InnoDB
+"""
+
+
 def create_raw_queue(conn: Any, table: str, count: int) -> None:
     """A plain work-queue table of ``count`` ready rows (psycopg connection, autocommit)."""
     conn.execute(RAW_TABLE_DDL.format(table=table))
@@ -161,3 +176,49 @@ def create_raw_queue(conn: Any, table: str, count: int) -> None:
         f"INSERT INTO {table} (state, payload) SELECT 'ready', %s FROM generate_series(1, %s)", (PAYLOAD, count)
     )
     conn.execute(f"ANALYZE {table}")
+
+
+def create_raw_queue_mariadb(url: str, table: str, count: int) -> None:
+    """That table on MariaDB, filled from its SEQUENCE engine."""
+    import pymysql
+
+    conn = pymysql.connect(**mysql_params(url), autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(RAW_TABLE_DDL_MARIADB.format(table=table))
+            cur.execute(f"INSERT INTO {table} (state, payload) SELECT 'ready', %s FROM seq_1_to_{count}", (PAYLOAD,))
+            cur.execute(f"ANALYZE TABLE {table}")
+    finally:
+        conn.close()
+
+
+def mysql_params(url: str) -> dict[str, Any]:
+    """Keyword arguments of ``pymysql.connect`` for an SQLAlchemy MySQL/MariaDB URL."""
+    parsed: URL = make_url(url)
+    params = {
+        "host": parsed.host,
+        "port": parsed.port,
+        "user": parsed.username,
+        "password": parsed.password,
+        "database": parsed.database,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def row_writes(conn: Any, table: str) -> tuple[int, int]:
+    """PostgreSQL's count of rows updated in ``table`` and how many of them were HOT updates
+    (no index touched), once every backend that wrote has reported (psycopg, autocommit).
+
+    Workers report their counts as their connections close, just after a measurement: read
+    until two reads 50 ms apart agree (at most a second)."""
+    sql = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = %s"
+    seen: tuple[int, int] | None = None
+    for _ in range(20):
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(sql, (table,)).fetchone()
+        now = (int(row[0]), int(row[1])) if row else (0, 0)
+        if now == seen:
+            break
+        seen = now
+        time.sleep(0.05)
+    return seen or (0, 0)
