@@ -20,7 +20,7 @@ lint:
 	mypy --strict exclusive_xcom
 	mypy tests benchmarks example_dags
 
-# The quick variant of every case (under 2 minutes); results in benchmarks/results/quick/.
+# The quick variant of every case (about 2.5 minutes); results in benchmarks/results/quick/.
 bench: bench-deps
 	$(PYTHON) -m benchmarks --quick $(BENCH_ARGS) --out benchmarks/results/quick
 

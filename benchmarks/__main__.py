@@ -48,7 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="redis://127.0.0.1:6379/0",
         help="Redis for the reference peer (keys under a random prefix)",
     )
-    parser.add_argument("--quick", action="store_true", help="a short variant of every case (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a short variant of every case (about 2.5 minutes)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for results.json and results.png")
     parser.add_argument("--cases", default="", help=f"comma-separated subset of: {', '.join(CASES)}")
     return parser.parse_args(argv)

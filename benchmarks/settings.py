@@ -1,4 +1,4 @@
-"""What a run measures and for how long: the full run, or the quick one (under 2 minutes)."""
+"""What a run measures and for how long: the full run, or the quick one (about 2.5 minutes)."""
 
 from __future__ import annotations
 
