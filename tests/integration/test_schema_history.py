@@ -10,6 +10,7 @@ SQLAlchemy makes them, its ``ddl_if`` deciding the MySQL/MariaDB-only indexes).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,27 @@ def test_migrate_to_a_version_that_does_not_exist_is_refused(ledger_url: str) ->
             Ledger(engine).migrate(to=version)
     assert Ledger(engine).schema_version() == 0
     engine.dispose()
+
+
+def test_version_10_gives_consumed_rows_without_consumed_at_one(ledger_url: str) -> None:
+    """The claimable index went from ``state != 'consumed'`` to ``consumed_at IS NULL``: a
+    consumed row an older ledger left without ``consumed_at`` gets one first (its claim's
+    time, else its creation's), so both predicates select the same rows."""
+    engine = create_engine(ledger_url)
+    Ledger(engine).migrate(to=9)
+    created, claimed = datetime(2026, 1, 1), datetime(2026, 1, 2)
+    base = {"output_id": "o", "dag_id": "d", "run_id": "r", "task_id": "t", "map_index": -1, "key": "k"}
+    base |= {"generation": 1, "mode": "items", "consumers": "[]", "slot": "*", "payload_size": 0}
+    rows = [
+        {**base, "seq": 0, "state": "consumed", "created_at": created, "claimed_at": claimed, "consumed_at": None},
+        {**base, "seq": 1, "state": "consumed", "created_at": created, "claimed_at": None, "consumed_at": None},
+        {**base, "seq": 2, "state": "consumed", "created_at": created, "claimed_at": None, "consumed_at": claimed},
+        {**base, "seq": 3, "state": "ready", "created_at": created, "claimed_at": None, "consumed_at": None},
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(item), rows)
+    assert Ledger(engine).migrate() == SCHEMA_VERSION
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(item.c.seq, item.c.consumed_at).order_by(item.c.seq)).all()
+    engine.dispose()
+    assert [tuple(r) for r in found] == [(0, claimed), (1, created), (2, claimed), (3, None)]
