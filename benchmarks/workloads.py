@@ -61,7 +61,7 @@ LEDGER_SHAPE_CLAIM = (
     "owner_task_id = %(task)s, owner_map_index = %(index)s, owner_try = 1, claimed_at = now(), "
     "lease_expires_at = now() + interval '5 minutes', owner_ti_id = %(ti)s, owner_host = %(host)s "
     "WHERE id IN (SELECT id FROM exclusive_xcom_item WHERE output_id = %(pool)s AND generation = 1 "
-    "AND slot = '*' AND state <> 'consumed' AND state = 'ready' ORDER BY seq FOR UPDATE SKIP LOCKED "
+    "AND slot = '*' AND consumed_at IS NULL AND state = 'ready' ORDER BY seq FOR UPDATE SKIP LOCKED "
     "LIMIT %(n)s) RETURNING id, seq, payload"
 )
 LEDGER_SHAPE_CONSUME = (

@@ -29,7 +29,7 @@ STATES = (READY, CLAIMED, CONSUMED)
 
 #: The version of the schema these tables are: a change to them is a new step at the end of
 #: ``migrations.MIGRATIONS``, which must then be this long (checked when it is imported).
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 metadata = sa.MetaData()
 
@@ -101,19 +101,25 @@ item = sa.Table(
     # Ids are references held across transactions (a claimant's ids, the CLI's `release ID`):
     # SQLite would hand a deleted row's id to the next insert without AUTOINCREMENT.
     sqlite_autoincrement=True,
+    # Version 10, PostgreSQL: room in each page for a claimed row's new version, so that a
+    # claim can be a HOT update (no new index entries; see the claimable index).
+    postgresql_with={"fillfactor": 70},
 )
 
 # The claim path reads only rows that can still be claimed. Where the database has partial
 # indexes, consumed rows stay out of it, so claims do not slow down as history piles up at
-# the front of the index (MySQL/MariaDB ignore the predicate: a plain index there).
+# the front of the index (MySQL/MariaDB ignore the predicate: a plain index there). The
+# predicate is on ``consumed_at`` (since version 10; ``state != 'consumed'`` before), set by
+# the consume and by nothing else: a claim changes ``state`` but no indexed column nor one
+# of the predicate, so PostgreSQL can make it a HOT update.
 claimable_index = sa.Index(
     "ix_exclusive_xcom_item_claimable",
     item.c.output_id,
     item.c.generation,
     item.c.slot,
     item.c.seq,
-    postgresql_where=item.c.state != CONSUMED,
-    sqlite_where=item.c.state != CONSUMED,
+    postgresql_where=item.c.consumed_at.is_(None),
+    sqlite_where=item.c.consumed_at.is_(None),
 )
 
 # MySQL/MariaDB only (no partial indexes): a pool's rows by state, then seq, so a claim

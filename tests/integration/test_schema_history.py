@@ -10,6 +10,7 @@ SQLAlchemy makes them, its ``ddl_if`` deciding the MySQL/MariaDB-only indexes).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,12 @@ def _history(dialect: str) -> dict[int, set[str]]:
         7: {f"+column {t}.{c}" for t, c in ADDED_COLUMNS[7]},
         8: {f"+column {t}.{c}" for t, c in ADDED_COLUMNS[8]},
         9: {f"+column {t}.{c}" for t, c in ADDED_COLUMNS[9]},
+        # The claimable index predicated on consumed_at (and the item table's fillfactor on
+        # PostgreSQL): claims can be HOT updates. MySQL/MariaDB have no partial index.
+        10: set()
+        if on_mysql
+        else {"~index ix_exclusive_xcom_item_claimable"}
+        | ({f"~table {item.name}"} if dialect == "postgresql" else set()),
     }
 
 
@@ -128,14 +135,16 @@ def _index_definitions(conn: sa.Connection, table: str) -> dict[str, str]:
 
 def _table_options(conn: sa.Connection, table: str) -> str | None:
     """SQLite: whether the table has AUTOINCREMENT (Alembic does not compare it); MySQL/MariaDB:
-    engine, charset and collation (without the next AUTO_INCREMENT value)."""
+    engine, charset and collation (without the next AUTO_INCREMENT value); PostgreSQL: its
+    storage parameters (fillfactor)."""
     if conn.dialect.name == "sqlite":
         sql = conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": table})
         return "AUTOINCREMENT" if "AUTOINCREMENT" in sql.scalar_one() else ""
     if conn.dialect.name in MYSQL:
         tail = conn.execute(sa.text(f"SHOW CREATE TABLE {table}")).one()[1].splitlines()[-1]
         return " ".join(word for word in tail.split() if not word.startswith("AUTO_INCREMENT="))
-    return None
+    found = conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = :t AND relkind = 'r'"), {"t": table})
+    return ",".join(found.scalar() or []) or None
 
 
 def _changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> set[str]:
@@ -230,7 +239,9 @@ def test_a_ledger_upgraded_version_by_version_equals_a_fresh_one_and_todays_tabl
     else:
         assert "ix_exclusive_xcom_item_pool" not in indexes and "ix_exclusive_xcom_item_state" not in indexes
         claimable = stepwise[item.name]["indexes"]["ix_exclusive_xcom_item_claimable"][2]
-        assert "WHERE" in claimable and "consumed" in claimable, claimable
+        assert "WHERE" in claimable and "consumed_at IS NULL" in claimable and "state" not in claimable, claimable
+    if dialect == "postgresql":
+        assert stepwise[item.name]["options"] == "fillfactor=70"
 
 
 def test_every_step_can_run_again_where_it_already_ran(ledger_url: str) -> None:
@@ -253,3 +264,27 @@ def test_migrate_to_a_version_that_does_not_exist_is_refused(ledger_url: str) ->
             Ledger(engine).migrate(to=version)
     assert Ledger(engine).schema_version() == 0
     engine.dispose()
+
+
+def test_version_10_gives_consumed_rows_without_consumed_at_one(ledger_url: str) -> None:
+    """The claimable index went from ``state != 'consumed'`` to ``consumed_at IS NULL``: a
+    consumed row an older ledger left without ``consumed_at`` gets one first (its claim's
+    time, else its creation's), so both predicates select the same rows."""
+    engine = create_engine(ledger_url)
+    Ledger(engine).migrate(to=9)
+    created, claimed = datetime(2026, 1, 1), datetime(2026, 1, 2)
+    base = {"output_id": "o", "dag_id": "d", "run_id": "r", "task_id": "t", "map_index": -1, "key": "k"}
+    base |= {"generation": 1, "mode": "items", "consumers": "[]", "slot": "*", "payload_size": 0}
+    rows = [
+        {**base, "seq": 0, "state": "consumed", "created_at": created, "claimed_at": claimed, "consumed_at": None},
+        {**base, "seq": 1, "state": "consumed", "created_at": created, "claimed_at": None, "consumed_at": None},
+        {**base, "seq": 2, "state": "consumed", "created_at": created, "claimed_at": None, "consumed_at": claimed},
+        {**base, "seq": 3, "state": "ready", "created_at": created, "claimed_at": None, "consumed_at": None},
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(item), rows)
+    assert Ledger(engine).migrate() == SCHEMA_VERSION
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(item.c.seq, item.c.consumed_at).order_by(item.c.seq)).all()
+    engine.dispose()
+    assert [tuple(r) for r in found] == [(0, claimed), (1, created), (2, claimed), (3, None)]
