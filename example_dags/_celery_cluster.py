@@ -42,7 +42,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,26 +53,14 @@ from typing import Any
 
 import psutil
 import sqlalchemy as sa
+from _processes import airflow, find, free_port, tail, wait_for
+from _processes import stop as stop_processes
 
 SERVICES = ("api-server", "scheduler", "dag-processor")
 S3_CONN = "objstore"  # the Airflow connection id in the offload path: s3://objstore@bucket/prefix
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 #: Keys kombu keeps in a Redis broker database besides the queues and their bindings.
 KOMBU_BOOKKEEPING = {b"unacked", b"unacked_index", b"unacked_mutex", b"_kombu.binding_deadlines"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"({path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def problem() -> str | None:
@@ -486,33 +473,11 @@ class Cluster:
 
     def cli(self, *args: str, timeout: float = 120) -> str:
         """``airflow <args>`` on the control plane; its output, or an error with it."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "airflow", *args],
-            env=self.env,
-            cwd=self.home,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-        )
-        output = proc.stdout + proc.stderr
-        if proc.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{output[-4000:]}")
-        return output
+        return airflow(args, env=self.env, cwd=self.home, timeout=timeout)
 
     def wait(self, what: str, check: Callable[[], Any], deadline: float) -> Any:
         """Poll ``check()`` until truthy; on timeout an error with the logs' tails."""
-        end = time.monotonic() + deadline
-        last: Exception | None = None
-        while time.monotonic() < end:
-            self.check_alive()
-            try:
-                if value := check():
-                    return value
-            except Exception as exc:  # not up yet
-                last = exc
-            time.sleep(0.5)
-        raise TimeoutError(f"timed out after {deadline:.0f} s waiting for {what} (last error: {last}){self.logs()}")
+        return wait_for(what, check, deadline, alive=self.check_alive, logs=self.logs)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -567,52 +532,14 @@ class Cluster:
 
     def leftovers(self) -> list[psutil.Process]:
         """Every live process of this cluster: in a session one of ours leads, in one of the
-        hosts' namespaces, or with one of our homes as ``AIRFLOW_HOME`` (Airflow's
-        ``setproctitle`` overwrites most processes' environment, hence the sessions)."""
-        sessions = {p.pid for p in self.procs.values()}
+        hosts' namespaces, or with one of our homes as ``AIRFLOW_HOME`` (see :func:`find`)."""
         homes = {str(self.home), *(str(h.home) for h in self.hosts.values())}
         in_netns = {pid for h in self.hosts.values() for pid in self._netns_pids(h)}
-        found = []
-        for proc in psutil.process_iter():
-            if proc.pid == os.getpid():
-                continue
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if (
-                    proc.pid in in_netns
-                    or os.getsid(proc.pid) in sessions
-                    or proc.environ().get("AIRFLOW_HOME") in homes
-                ):
-                    found.append(proc)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                continue
-        return found
+        return find({p.pid for p in self.procs.values()}, homes, in_netns)
 
     def stop(self) -> list[str]:
         """Stop every process, remove the namespaces, veths and Redis keys; what outlived SIGKILL."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
-        for leftover in self.leftovers():
-            with contextlib.suppress(psutil.Error):
-                leftover.kill()
-        _, alive = psutil.wait_procs(self.leftovers(), timeout=10)
-        survivors = []
-        for leftover in alive:
-            with contextlib.suppress(psutil.Error):
-                survivors.append(f"{leftover.pid}: {' '.join(leftover.cmdline())}")
+        survivors = stop_processes(self.procs.values(), self.leftovers, STOP_GRACE)
         for host in self.hosts.values():
             subprocess.run(["ip", "netns", "del", host.netns], capture_output=True, timeout=30)
             subprocess.run(["ip", "link", "del", host.veth], capture_output=True, timeout=30)

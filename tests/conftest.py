@@ -11,6 +11,7 @@ PostgreSQL and MariaDB tests really ran.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,12 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support import BACKENDS, SERVERS, PrivatePostgres, create_database, drop_database, server_problem
+
+#: The demo's process harness (``example_dags/_processes.py``, ``_celery_cluster.py``) serves the
+#: scheduler and distributed tiers too; it imports no test code, so it lives beside the demo.
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "example_dags")
+if EXAMPLES not in sys.path:
+    sys.path.append(EXAMPLES)
 
 TIERS = ("unit", "integration", "e2e", "scheduler", "distributed", "ui")
 

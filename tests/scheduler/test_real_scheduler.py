@@ -21,13 +21,9 @@ service and task logs.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +36,8 @@ from typing import Any
 import psutil
 import pytest
 import sqlalchemy as sa
+from _processes import airflow, find, free_port, tail, wait_for
+from _processes import stop as stop_processes
 
 from tests.conftest import require_server
 from tests.support import SERVERS, airflow_env, throwaway_database
@@ -62,20 +60,6 @@ RUN_DEADLINE = 180.0  # the triggered run reaching a final state (takes a few se
 STOP_GRACE = 15.0  # between SIGTERM and SIGKILL
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"({path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class Deployment:
     """One Airflow installation: its home, its environment and its three services."""
 
@@ -86,7 +70,7 @@ class Deployment:
         for dag_file in dag_files:
             shutil.copyfile(dag_file, self.dags / dag_file.name)
         self.metadata_url = metadata_url
-        self.port = _free_port()
+        self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         url = sa.make_url(metadata_url)
         self.env = airflow_env(
@@ -110,7 +94,7 @@ class Deployment:
             AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="5",
             AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
             # its own log-server port, so two deployments (parallel test workers) never collide
-            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port()),
+            AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
             EXCLUSIVE_PARALLEL_QUEUE_ORDERS=str(ORDERS),
             PYTHONUNBUFFERED="1",
         )
@@ -119,18 +103,7 @@ class Deployment:
 
     def cli(self, *args: str, timeout: float = 120) -> str:
         """Run ``airflow <args>`` to completion; its output, or a failure with it."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "airflow", *args],
-            env=self.env,
-            cwd=self.home,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-        )
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"airflow {' '.join(args)} failed ({proc.returncode}):\n{output[-4000:]}"
-        return output
+        return airflow(args, env=self.env, cwd=self.home, timeout=timeout)
 
     def start(self) -> None:
         for service in SERVICES:
@@ -152,81 +125,25 @@ class Deployment:
             assert code is None, f"airflow {service} exited with {code}{self.logs()}"
 
     def leftovers(self) -> list[psutil.Process]:
-        """Every live process of this deployment.
-
-        That is every process in the session of one of the services (each was started with
-        ``start_new_session``; the supervisor moves task processes into process groups of
-        their own, but they stay in the session), and, in case one called ``setsid``, every
-        process whose environment has this ``AIRFLOW_HOME``. Airflow renames its processes
-        with ``setproctitle``, which overwrites the ``/proc/<pid>/environ`` of most of them,
-        so the environment alone would miss them.
-        """
-        sessions = {proc.pid for proc in self.procs.values()}
-        found = []
-        for proc in psutil.process_iter():
-            if proc.pid == os.getpid():
-                continue
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    continue  # already dead; its parent (or init) reaps it
-                if os.getsid(proc.pid) in sessions or proc.environ().get("AIRFLOW_HOME") == str(self.home):
-                    found.append(proc)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                continue
-        return found
+        """Every live process of this deployment (see :func:`_processes.find`)."""
+        return find({proc.pid for proc in self.procs.values()}, {str(self.home)})
 
     def stop(self) -> list[str]:
-        """Stop every process of this deployment; the ones that outlived SIGKILL (should be none).
-
-        SIGTERM goes to each service's process group (while its leader, our child, is not
-        reaped, so the group id cannot have been reused); after the grace period SIGKILL goes
-        to every process of the deployment that is still alive (see :meth:`leftovers`), e.g.
-        LocalExecutor workers still waiting for their task, and the task processes.
-        """
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-        for leftover in self.leftovers():
-            with contextlib.suppress(psutil.Error):
-                leftover.kill()
-        _, alive = psutil.wait_procs(self.leftovers(), timeout=10)
-        survivors = []
-        for leftover in alive:
-            with contextlib.suppress(psutil.Error):
-                survivors.append(f"{leftover.pid}: {' '.join(leftover.cmdline())}")
-        return survivors
+        """Stop every process of this deployment; the ones that outlived SIGKILL (should be none)."""
+        return stop_processes(self.procs.values(), self.leftovers, STOP_GRACE)
 
     # -- what happened ----------------------------------------------------------------------
 
     def logs(self, lines: int = 40) -> str:
-        parts = [f"\n--- {s} (last {lines} lines) ---\n{_tail(self.home / f'{s}.out', lines)}" for s in SERVICES]
+        parts = [f"\n--- {s} (last {lines} lines) ---\n{tail(self.home / f'{s}.out', lines)}" for s in SERVICES]
         for path in sorted((self.home / "logs").glob("dag_id=*/**/*.log")):
-            parts.append(f"\n--- {path.relative_to(self.home / 'logs')} (last {lines} lines) ---\n{_tail(path, lines)}")
+            parts.append(f"\n--- {path.relative_to(self.home / 'logs')} (last {lines} lines) ---\n{tail(path, lines)}")
         return "".join(parts)
 
 
 def _wait_for(what: str, check: Any, deadline: float, deployment: Deployment) -> Any:
     """Poll ``check()`` until it returns something truthy, or fail with the logs."""
-    end = time.monotonic() + deadline
-    last_error: Exception | None = None
-    while time.monotonic() < end:
-        deployment.check_alive()
-        try:
-            if value := check():
-                return value
-        except Exception as exc:  # not up yet (connection refused, table missing, ...)
-            last_error = exc
-        time.sleep(1)
-    pytest.fail(f"timed out after {deadline:.0f} s waiting for {what} (last error: {last_error}){deployment.logs()}")
+    return wait_for(what, check, deadline, alive=deployment.check_alive, logs=deployment.logs, every=1)
 
 
 def _api_healthy(port: int) -> bool:
