@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from exclusive_xcom.errors import ConfigurationError, ItemRef, PayloadError
+from exclusive_xcom.errors import ConfigurationError, ItemRef, PayloadError, mask_secrets
 from exclusive_xcom.ledger import Offloaded
 
 log = logging.getLogger("exclusive_xcom")
@@ -149,7 +149,7 @@ def not_shared(uri: str, executor: str) -> str | None:
     executors = {name.strip().rsplit(".", 1)[-1].split(":")[-1] for name in executor.split(",") if name.strip()}
     if not uri.startswith(("file://", "local://", "/")) or executors <= ONE_MACHINE_EXECUTORS:
         return None
-    return (
+    return mask_secrets(
         f"[exclusive_xcom] offload_path {uri!r} is a local folder but [core] executor is {executor!r}: a payload "
         "offloaded on one host cannot be read on another unless that folder is shared storage mounted on every "
         "host; use object storage (s3://, gs://, ...)"

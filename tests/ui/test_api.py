@@ -126,6 +126,14 @@ def test_the_task_instance_tab_shows_what_it_produced_and_what_it_claimed(server
     assert unscoped.status_code == 422
 
 
+def test_a_dag_id_with_a_nul_is_refused_by_name_not_a_server_error(server: UIServer) -> None:
+    """PostgreSQL refuses a NUL in text: found by the fuzzing below as a 500 in Airflow's own
+    team lookup; the dependency that checks DAG access now says what is wrong first."""
+    with server.client("viewer") as client:
+        response = get(client, "/api/summary", dag_id=f"{OPEN_DAG}\x00")
+    assert response.status_code == 422 and "dag_id: at most 250 characters, no NUL" in response.text
+
+
 def test_pages_walk_every_row_once_newest_first(server: UIServer) -> None:
     seen: list[int] = []
     before = None

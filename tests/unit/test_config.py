@@ -156,6 +156,13 @@ def test_a_local_offload_folder_under_a_many_host_executor_is_warned_about(
         assert uri in warning and "cannot be read on another" in warning
 
 
+def test_the_local_folder_warning_prints_no_password() -> None:
+    from exclusive_xcom.storage import not_shared
+
+    warning = not_shared("file://nas:hunter2@files.internal/blobs", "CeleryExecutor")
+    assert warning is not None and "hunter2" not in warning and "file://nas:***@files.internal/blobs" in warning
+
+
 def test_every_default_is_declared_once_for_airflow_and_for_settings() -> None:
     """The provider's metadata, the fallback when unset and Settings' defaults are one declaration."""
     from dataclasses import fields
