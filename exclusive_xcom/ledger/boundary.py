@@ -161,7 +161,7 @@ def _codes(orig: BaseException | None) -> tuple[str | None, int | None, int]:
     """(SQLSTATE from psycopg, MySQL error number from PyMySQL/mysqlclient, SQLite result code)."""
     sqlstate = getattr(orig, "sqlstate", None)
     args = getattr(orig, "args", ())
-    errno = args[0] if args and isinstance(args[0], int) and not hasattr(orig, "sqlite_errorcode") else None
+    errno = args[0] if args and isinstance(args[0], int) else None  # sqlite3's args are text
     return sqlstate, errno, int(getattr(orig, "sqlite_errorcode", 0) or 0)
 
 

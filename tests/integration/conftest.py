@@ -81,6 +81,17 @@ def request(
     return ClaimRequest(Written(output, generation, mode, tuple(slot(c) for c in consumers)), limit)
 
 
+def schema_version(url: str) -> int:
+    """The schema version of the ledger at ``url``, read through a short-lived engine."""
+    from exclusive_xcom.ledger import create_engine
+
+    engine = create_engine(url)
+    try:
+        return Ledger(engine).schema_version()
+    finally:
+        engine.dispose()
+
+
 def rows(source: Ledger | sa.Engine) -> dict[int, dict[str, Any]]:
     """Every row of the item table by id, payload included (``Ledger.items`` leaves payloads out)."""
     engine = source.engine if isinstance(source, Ledger) else source

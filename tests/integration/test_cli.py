@@ -24,6 +24,7 @@ from exclusive_xcom.ledger import (
     create_engine,
 )
 from exclusive_xcom.ledger.schema import SCHEMA_VERSION
+from tests.integration.conftest import schema_version
 
 DAG, RUN = "cli_dag", "manual__1"
 READER = consumer_slot(DAG, "reader")
@@ -112,14 +113,6 @@ def _where(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
-def _version(url: str) -> int:
-    engine = create_engine(url)
-    try:
-        return Ledger(engine).schema_version()
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("command", READERS, ids="-".join)
 def test_a_command_that_only_looks_never_makes_the_schema(
     ledger_url: str, capsys: pytest.CaptureFixture[str], command: list[str]
@@ -130,7 +123,7 @@ def test_a_command_that_only_looks_never_makes_the_schema(
         f"exclusive-xcom: LedgerError: the claim ledger at {_where(ledger_url)} has no schema yet: "
         "run `exclusive-xcom db migrate`\n"
     )
-    assert _version(ledger_url) == 0, "looking created the schema"
+    assert schema_version(ledger_url) == 0, "looking created the schema"
 
 
 @pytest.mark.parametrize("command", READERS, ids="-".join)
@@ -150,7 +143,7 @@ def test_a_command_that_only_looks_at_an_older_schema_says_to_migrate(
         f"exclusive-xcom: LedgerError: the claim ledger at {_where(seeded)} has schema version {older}, "
         f"this exclusive_xcom needs {SCHEMA_VERSION}: run `exclusive-xcom db migrate`\n"
     )
-    assert _version(seeded) == older, "looking upgraded the schema"
+    assert schema_version(seeded) == older, "looking upgraded the schema"
 
 
 @pytest.mark.parametrize(
@@ -161,7 +154,7 @@ def test_a_command_that_writes_makes_the_schema_first(
 ) -> None:
     code, _, err = cli(capsys, "--url", ledger_url, *command)
     assert (code, err) == (0, "")
-    assert _version(ledger_url) == SCHEMA_VERSION
+    assert schema_version(ledger_url) == SCHEMA_VERSION
     assert cli(capsys, "--url", ledger_url, "stats")[0] == 0, "once made, looking works"
 
 

@@ -23,6 +23,7 @@ from exclusive_xcom.ledger import Ledger, create_engine
 from exclusive_xcom.ledger.migrations import MIGRATIONS, SCHEMA_VERSION
 from exclusive_xcom.ledger.schema import fence, item, made_on, meta, metadata
 from tests.conftest import drop_ledger_database, new_ledger_database
+from tests.integration.conftest import schema_version
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -190,14 +191,6 @@ def _diff(url: str) -> list[Any]:
         engine.dispose()
 
 
-def _version(url: str) -> int:
-    engine = create_engine(url)
-    try:
-        return Ledger(engine).schema_version()
-    finally:
-        engine.dispose()
-
-
 def test_a_ledger_upgraded_version_by_version_equals_a_fresh_one_and_todays_tables(urls: dict[str, str]) -> None:
     # Version by version, each through the runner in a transaction of its own, and each
     # step's changes exactly what that version changed.
@@ -209,7 +202,7 @@ def test_a_ledger_upgraded_version_by_version_equals_a_fresh_one_and_todays_tabl
     assert sorted(history) == list(range(1, SCHEMA_VERSION + 1)) and len(MIGRATIONS) == SCHEMA_VERSION
     for version in range(1, SCHEMA_VERSION + 1):
         assert Ledger(engine).migrate(to=version) == version
-        assert _version(urls["stepwise"]) == version
+        assert schema_version(urls["stepwise"]) == version
         shapes.append(_shape(urls["stepwise"]))
         assert _changes(shapes[-2], shapes[-1]) == history[version], f"version {version} on {dialect}"
     engine.dispose()
