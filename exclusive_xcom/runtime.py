@@ -41,6 +41,7 @@ from exclusive_xcom.ledger import (
     Offloaded,
     Output,
     Production,
+    Stored,
 )
 from exclusive_xcom.stream import ItemStream
 from exclusive_xcom.walk import walk
@@ -248,12 +249,10 @@ class Session:
                 elapsed * 1000,
                 claimed.describe_origins(),
             )
-            metrics.claimed(
-                len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=claimed.request.written.mode
-            )
+            metrics.claimed(len(claimed.ids), elapsed, dag_id=c.dag_id, task_id=c.task_id, mode=mode)
         return result
 
-    def _values(self, h: Handle, raw: Sequence[bytes | Offloaded | None]) -> Any:
+    def _values(self, h: Handle, raw: Sequence[Stored]) -> Any:
         ref = h.output.ref(self.claimant.slot)
         values = [self.env.codec.decode(data, ref) for data in raw]
         return values[0] if h.request().slot_row else values
