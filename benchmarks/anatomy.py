@@ -2,9 +2,10 @@
 
 For one single-item claim and one finish (mode ``items``, the path of cases 1 and 2):
 
-* statements the ledger sends (SQLAlchemy ``before_cursor_execute``), transactions
-  (``begin`` events, not counting autocommit connections: PostgreSQL's one-statement claim
-  and consume send no BEGIN) and pool checkouts (a ``SELECT 1`` would be a ping);
+* statements the ledger sends (SQLAlchemy ``before_cursor_execute``, plus ``direct``: the
+  ones PostgreSQL's ledger sends on its pinned connection, :mod:`exclusive_xcom.ledger.direct`),
+  transactions (``begin`` events, not counting autocommit connections) and pool checkouts
+  (a ``SELECT 1`` would be a ping);
 * network round trips, counted as ``sendto`` system calls by ``strace`` in a child process
   (the difference between N cycles and none, over N), so BEGIN, COMMIT and pings count too;
 * wall and client CPU time per call, and the time to build the Core statements alone;
@@ -104,6 +105,15 @@ def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
     for name, fn in listeners.items():
         sa.event.listen(engine, name, fn)
     sa.event.listen(engine.pool, "checkout", pool_listener)
+    direct = ledger._direct
+    if direct is not None:  # PostgreSQL: the one-statement claim and consume go past SQLAlchemy
+        send = direct.send
+
+        def counted(bound: Any) -> Any:
+            seen.update(["statements", "direct"])
+            return send(bound)
+
+        direct.send = counted  # type: ignore[method-assign]
     claimant, request = _claimant(), _request()
     out: dict[str, dict[str, Any]] = {}
     try:
@@ -118,6 +128,8 @@ def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
         for name, fn in listeners.items():
             sa.event.remove(engine, name, fn)
         sa.event.remove(engine.pool, "checkout", pool_listener)
+        if direct is not None:
+            del direct.send
     pre_ping = bool(getattr(engine.pool, "_pre_ping", False))
     for counts in out.values():
         counts["pings"] = counts.get("checkouts", 0) if pre_ping else 0

@@ -34,6 +34,8 @@ from exclusive_xcom.errors import (
     NotAuthorizedError,
 )
 from exclusive_xcom.ledger import queries as q
+from exclusive_xcom.ledger.direct import Direct, Sent
+from exclusive_xcom.ledger.direct import applies as direct_applies
 
 _T = TypeVar("_T")
 ROLLED_BACK = "this step changed nothing (it never reached its commit)"
@@ -65,40 +67,59 @@ class Transactions:
         self.keep_consumed_payloads = keep_consumed_payloads
         self._clock = clock
         #: PostgreSQL claims and consumes in single autocommit statements where it can (see
-        #: "one statement each" in :mod:`~exclusive_xcom.ledger.queries`); elsewhere, and for
+        #: "one statement each" in :mod:`~exclusive_xcom.ledger.queries`), sent directly on a
+        #: pinned connection (:mod:`~exclusive_xcom.ledger.direct`); elsewhere, and for
         #: everything else, a transaction.
-        self._autocommit = (
-            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else None
-        )
+        self._direct = Direct(engine) if direct_applies(engine) else None
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), tz=timezone.utc).replace(tzinfo=None)
 
-    def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None, *, autocommit: bool = False) -> _T:
-        """Run ``tx`` in one transaction (or, ``autocommit``, each statement in its own);
-        run it again after a deadlock, translate every driver error."""
+    def _run(self, tx: Callable[[sa.Connection], _T], ref: ItemRef | None = None) -> _T:
+        """Run ``tx`` in one transaction; run it again after a deadlock, translate every driver error."""
         for attempt in range(1, ATTEMPTS + 1):
-            sent = False  # whether a COMMIT (or an autocommitted statement) may have reached the server
+            sent = False  # whether the COMMIT may have reached the server
             try:
-                if autocommit and self._autocommit is not None:
-                    with self._autocommit.connect() as conn:
-                        sent = True
-                        return tx(conn)
                 with self.engine.begin() as conn:
                     result = tx(conn)
                     sent = True  # leaving the block commits
                 return result
             except sa.exc.DBAPIError as exc:
-                if is_retryable(exc) and attempt < ATTEMPTS:
-                    time.sleep(0.05 * attempt)
-                    continue
-                raise self._translate(exc, sent, ref) from exc
+                if not self._again(exc, attempt):
+                    raise self._translate(exc, sent, ref) from exc
             except sa.exc.TimeoutError as exc:
-                raise LedgerUnavailableError(
-                    f"no connection to the claim ledger at {self.safe_url} within the pool timeout; {ROLLED_BACK}",
-                    ref,
-                ) from exc
+                raise self._no_connection(ref) from exc
         raise AssertionError("unreachable")
+
+    def _send(self, bound: q.Bound, ref: ItemRef | None = None) -> Sent:
+        """PostgreSQL: one statement that commits by itself, sent on the pinned connection;
+        run again after a deadlock (it then changed nothing), every driver error translated."""
+        assert self._direct is not None
+        for attempt in range(1, ATTEMPTS + 1):
+            sent = False  # whether the statement may have reached the server
+            try:
+                self._direct.connect()
+                sent = True
+                return self._direct.send(bound)
+            except sa.exc.DBAPIError as exc:
+                if not self._again(exc, attempt):
+                    raise self._translate(exc, sent, ref) from exc
+            except sa.exc.TimeoutError as exc:
+                raise self._no_connection(ref) from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _again(exc: sa.exc.DBAPIError, attempt: int) -> bool:
+        """Whether to run a step again: it lost a deadlock or a lock wait, and attempts are left."""
+        if is_retryable(exc) and attempt < ATTEMPTS:
+            time.sleep(0.05 * attempt)
+            return True
+        return False
+
+    def _no_connection(self, ref: ItemRef | None) -> LedgerUnavailableError:
+        return LedgerUnavailableError(
+            f"no connection to the claim ledger at {self.safe_url} within the pool timeout; {ROLLED_BACK}", ref
+        )
 
     def _translate(self, exc: sa.exc.DBAPIError, sent: bool, ref: ItemRef | None) -> ExclusiveXComError:
         """The library's error for a driver error (see the module's rules)."""

@@ -119,19 +119,14 @@ class Ledger(Schema, Admin):
                 stale.extend(write_output(conn, production, now, self.inline_limit)[1])
             return self._unneeded(conn, stale)
 
-        def consume_now(conn: sa.Connection) -> list[str] | None:
-            stmt = q.consume_all_now(
-                claimant=claimant, ids=ids, now=self._now(), inputs=key, keep_payload=self.keep_consumed_payloads
-            )
-            if conn.execute(*stmt).rowcount != len(ids):
-                return None  # nothing changed: the transaction below finds out why
-            return self._unneeded(conn, blobs)
-
         try:
-            if self._autocommit is not None and ids and not productions:
-                done = self._run(consume_now, autocommit=True)
-                if done is not None:
-                    return done
+            if self._direct is not None and ids and not productions:
+                stmt = q.consume_all_now(
+                    claimant=claimant, ids=ids, now=self._now(), inputs=key, keep_payload=self.keep_consumed_payloads
+                )
+                if self._send(stmt).rowcount == len(ids):
+                    return self._unneeded_after(blobs)
+                # nothing changed: the transaction below finds out why
             return self._run(tx)
         except _NotHeld as lost:
             raise self._not_held(claimant, ids, lost.count) from None
@@ -141,6 +136,16 @@ class Ledger(Schema, Admin):
             if not exc.maybe_committed or not self._finished(claimant, ids, productions, exc):
                 raise
             return []  # a blob left behind is swept by purge
+
+    def _unneeded_after(self, blobs: Sequence[str]) -> list[str]:
+        """After a consume that committed by itself: which of its blobs to delete. None, if
+        the ledger cannot say right now: the consume stands, and purge sweeps them later."""
+        if not blobs:
+            return []
+        try:
+            return self._run(lambda conn: self._unneeded(conn, blobs))
+        except LedgerUnavailableError:
+            return []
 
     def size(self, output: Output, generation: int, slot: str | None = None) -> int:
         """How many rows one generation of an output has (in ``slot``): its item count."""
@@ -230,7 +235,7 @@ class Ledger(Schema, Admin):
         """
         for request in requests:
             authorize(claimant, request, request.written.consumers)
-        if self._autocommit is not None and len(requests) == 1:
+        if self._direct is not None and len(requests) == 1:
             claimed = self._claim_now(claimant, requests[0])
             if claimed is not None:
                 return claimed
@@ -260,7 +265,7 @@ class Ledger(Schema, Admin):
             now=now,
             lease=now + timedelta(seconds=self.lease_seconds),
         )
-        rows = self._run(lambda conn: conn.execute(*stmt).all(), out.ref(claimant.slot), autocommit=True)
+        rows = self._send(stmt, out.ref(claimant.slot)).rows
         if not rows:
             return None
         claimed = Claimed(request)

@@ -604,20 +604,41 @@ def test_a_finish_whose_commit_acknowledgement_is_lost_is_recognised_as_done(led
         commit(dbapi_connection)
         lose_the_ack_once()
 
-    def autocommitted_then_lose_the_ack_once(conn: sa.Connection, *_: Any) -> None:
-        # PostgreSQL consumes in one autocommit statement: it is committed once it ran.
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-            lose_the_ack_once()
-
     dialect.do_commit = commit_then_lose_the_ack_once  # type: ignore[method-assign]
-    sa.event.listen(ledger.engine, "after_cursor_execute", autocommitted_then_lose_the_ack_once)
     try:
-        ledger.finish(me, held)  # no error: the items are consumed by this very try
+        with _after_direct_statements(ledger, lose_the_ack_once):
+            ledger.finish(me, held)  # no error: the items are consumed by this very try
     finally:
         dialect.do_commit = commit  # type: ignore[method-assign]
-        sa.event.remove(ledger.engine, "after_cursor_execute", autocommitted_then_lose_the_ack_once)
     assert lost, "the fault was not injected"
     assert ledger.counts() == {CONSUMED: 3}
+
+
+@contextmanager
+def _after_direct_statements(ledger: Ledger, fault: Callable[[], None]) -> Iterator[None]:
+    """Call ``fault`` after each statement PostgreSQL's ledger sends on its pinned connection
+    (its one-statement claim and consume, :mod:`exclusive_xcom.ledger.direct`) has run: such
+    a statement has committed by then. Its driver error reaches the ledger as the pinned
+    connection raises it, wrapped in SQLAlchemy's error."""
+    direct = ledger._direct
+    if direct is None:
+        yield
+        return
+    send, dbapi = direct.send, ledger.engine.dialect.loaded_dbapi
+
+    def sent_then_fault(bound: Any) -> Any:
+        result = send(bound)
+        try:
+            fault()
+        except dbapi.Error as exc:
+            raise sa.exc.DBAPIError.instance(None, None, exc, dbapi.Error) from exc
+        return result
+
+    direct.send = sent_then_fault  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del direct.send
 
 
 @contextmanager
@@ -644,17 +665,16 @@ def _ack_and_server_lost(ledger: Ledger) -> Iterator[list[bool]]:
         if not committed:
             vanish()
 
-    def autocommitted_then_vanish(conn: sa.Connection, *_: Any) -> None:
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" and not committed:
+    def autocommitted_then_vanish() -> None:
+        if not committed:
             vanish()
 
     dialect.do_commit = commit_then_vanish  # type: ignore[method-assign]
-    sa.event.listen(engine, "after_cursor_execute", autocommitted_then_vanish)
     try:
-        yield committed
+        with _after_direct_statements(ledger, autocommitted_then_vanish):
+            yield committed
     finally:
         dialect.do_commit = commit  # type: ignore[method-assign]
-        sa.event.remove(engine, "after_cursor_execute", autocommitted_then_vanish)
         for name, listener in (("checkout", gone), ("do_connect", refuse)):
             if sa.event.contains(engine, name, listener):
                 sa.event.remove(engine, name, listener)
