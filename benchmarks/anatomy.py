@@ -35,7 +35,17 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from benchmarks.db import DAG, DURABILITY, GENERATION, RUN, as_task, fill_items, fresh_database, migrated_ledger
+from benchmarks.db import (
+    DAG,
+    DURABILITY,
+    GENERATION,
+    RUN,
+    as_task,
+    captured,
+    fill_items,
+    fresh_database,
+    migrated_ledger,
+)
 from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, Written, create_engine
@@ -206,15 +216,10 @@ def server_side(ledger: Ledger, url: str, rounds: int, limit: int = 100) -> dict
     from benchmarks.db import create_raw_queue, libpq_params
     from benchmarks.workloads import LEDGER_SHAPE_CLAIM, LEDGER_SHAPE_CONSUME, TWO_TX_CLAIM, TWO_TX_CONSUME
 
-    sent: list[tuple[str, Any]] = []
-    capture = lambda _c, _cur, statement, params, _ctx, _many: sent.append((statement, params))  # noqa: E731
     claimant = _claimant()
-    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
-    try:
+    with captured(ledger) as sent:
         (claimed,) = ledger.claim(claimant, [_request(limit)]).claims
         ledger.finish(claimant, claimed.ids)
-    finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
     (lib_claim, lib_params), (lib_consume, lib_consume_params) = sent
     fresh = Output(DAG, RUN, "library_fresh")  # the library too claims from a pool nobody has drained yet
     fill_items(ledger.engine, fresh, (rounds + 2) * limit, consumers=CONSUMERS)

@@ -26,6 +26,7 @@ from benchmarks.db import (
     analyze,
     as_task,
     backend,
+    captured,
     fill_items,
     fresh_database,
     migrated_ledger,
@@ -127,34 +128,27 @@ def _measure(ledger: Ledger, db: str, size: int, seconds: float, fill_seconds: f
 
 def explain_claim_paths(ledger: Ledger, size: int) -> dict[str, Any]:
     """Capture what each claim path sends, then EXPLAIN every statement as sent."""
-    sent: list[tuple[str, str, Any]] = []
-    label = ["?"]
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        sent.append((label[0], statement, parameters))
-
     claimant = _claimant()
-    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
-    try:
-        label[0] = "claim items"
+    labels: list[tuple[int, str]] = []  # (statements sent before it, what the ledger was asked)
+    with captured(ledger) as sent:
+        labels.append((len(sent), "claim items"))
         (claimed,) = ledger.claim(
             claimant, [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=1)]
         ).claims
-        label[0] = "finish"
+        labels.append((len(sent), "finish"))
         ledger.finish(claimant, claimed.ids)
-        label[0] = "claim each"
+        labels.append((len(sent), "claim each"))
         last = Output(DAG, RUN, "single", map_index=EACH_OUTPUTS - 1)
         (claimed,) = ledger.claim(claimant, [ClaimRequest(Written(last, GENERATION, EACH, CONSUMERS))]).claims
-        label[0] = "claim items (retry takes back)"  # try 1 holds one item; try 2 takes it back first
+        labels.append((len(sent), "claim items (retry takes back)"))  # try 1 holds one; try 2 takes it back first
         ledger.claim(claimant, [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=1)])
         ledger.claim(_claimant(2), [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=2)])
-    finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
+    what = [next(label for start, label in reversed(labels) if start <= i) for i in range(len(sent))]
     plans = []
-    for what, statement, parameters in sent:
+    for path, (statement, parameters) in zip(what, sent, strict=True):
         plan = _explain(ledger.engine, statement, parameters)
         wide = _wide_reads(ledger.engine, plan)
-        plans.append({"path": what, "statement": statement, "plan": plan, "wide_reads": wide})
+        plans.append({"path": path, "statement": statement, "plan": plan, "wide_reads": wide})
     return {"rows": size, "statements": plans}
 
 

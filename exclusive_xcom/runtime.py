@@ -58,9 +58,9 @@ RELEASE_PATIENCE = 15.0
 def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] = ()) -> Session:
     """A session for the running task instance, opening the ledger of this process.
 
-    Opening the ledger is the first database contact of a task (the schema check, then
-    the try's fence), and it happens before any item is known; an error there still
-    names the task and, when the task has inputs, the first producer it was to claim from.
+    Opening the ledger is the first database contact of a task (the schema check, then a
+    retry's fence), and it happens before any item is known; an error there still names
+    the task and, when the task has inputs, the first producer it was to claim from.
     """
     ti = context["ti"]
     first = found[0] if found else {}
@@ -75,7 +75,9 @@ def open_session(context: Mapping[str, Any], found: Sequence[Mapping[str, Any]] 
         settings = load_settings()
         claimant = claimant_of(context, settings.teams.of)
         session = Session(claimant, env_for(settings))
-        session.earlier = session.env.ledger.enter(claimant)  # from here on, older tries are fenced out
+        if claimant.try_number > 1:  # from here on, older tries are fenced out
+            session.earlier = session.env.ledger.enter(claimant)
+            session.entered = True
         return session
 
 
@@ -127,6 +129,10 @@ class Session:
     produced_items: int = 0
     offloaded_bytes: int = 0
     earlier: Finished | None = None  # an earlier try of this task instance that finished
+    # Whether this try is recorded on its fence row. A retry enters when it opens (it must learn
+    # whether an earlier try finished); a first try has no earlier one, so its first claim or
+    # finish enters it inside its own transaction, one commit fewer per task.
+    entered: bool = False
     streams: int = 0  # work queues read batch by batch while the function runs
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # ids vs. the heartbeat
     _blob_ids: dict[int, str] = field(default_factory=dict, repr=False)  # offloaded items' blobs, by id
@@ -214,7 +220,7 @@ class Session:
         with self._lock:
             blobs = [self._blob_ids.pop(i) for i in ids if i in self._blob_ids]
             with named(self._ref()):
-                stale = self.env.ledger.finish(self.claimant, ids, (), blobs)
+                stale = self.env.ledger.finish(self.claimant, ids, (), blobs, enter=not self.entered)
             done, gone = set(ids), set(blobs)
             self.ids[:] = [i for i in self.ids if i not in done]
             self.blobs[:] = [uri for uri in self.blobs if uri not in gone]
@@ -226,7 +232,8 @@ class Session:
     def _claim(self, requests: list[ClaimRequest]) -> ClaimResult:
         """One ledger claim: hold what it got, log each input's items and owner, count it."""
         started = time.perf_counter()
-        result = self.env.ledger.claim(self.claimant, requests)
+        result = self.env.ledger.claim(self.claimant, requests, enter=not self.entered)
+        self.entered = True
         elapsed = time.perf_counter() - started
         with self._lock:
             self.ids.extend(result.ids)
@@ -292,7 +299,12 @@ class Session:
         try:
             with named(self._ref(productions)):
                 stale = self.env.ledger.finish(
-                    self.claimant, self.ids, productions, self.blobs, inputs=self._input_outputs()
+                    self.claimant,
+                    self.ids,
+                    productions,
+                    self.blobs,
+                    inputs=self._input_outputs(),
+                    enter=not self.entered,
                 )
         except LedgerUnavailableError:
             raise  # it may have committed after all: its blobs stay for the sweep to judge

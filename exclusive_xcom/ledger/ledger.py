@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -62,16 +63,22 @@ class Ledger(Schema, Admin):
         """
 
         def tx(conn: sa.Connection) -> Finished | None:
-            key, mine = claimant.ti_key, claimant.try_number
-            conn.execute(*q.enter_fence(dialect=conn.dialect.name, ti_key=key, try_number=mine, now=self._now()))
-            row = conn.execute(*q.lock_fence(ti_key=key)).one()
-            if row.try_number > mine:
-                raise fenced(claimant, row.try_number)
-            if row.finished_try is None or row.finished_try >= mine:
+            row = self._enter(conn, claimant)
+            if row.finished_try is None or row.finished_try >= claimant.try_number:
                 return None
             return Finished(row.finished_try, row.finished_inputs)
 
         return self._run(tx)
+
+    def _enter(self, conn: sa.Connection, claimant: Claimant) -> Any:
+        """Inside a transaction: record this try on its fence row (raising it if this try is
+        newer), lock the row and return it; raise if a newer try has begun."""
+        key, mine = claimant.ti_key, claimant.try_number
+        conn.execute(*q.enter_fence(dialect=conn.dialect.name, ti_key=key, try_number=mine, now=self._now()))
+        row = conn.execute(*q.lock_fence(ti_key=key)).one()
+        if row.try_number > mine:
+            raise fenced(claimant, row.try_number)
+        return row
 
     # -- produce ----------------------------------------------------------------------------
 
@@ -87,6 +94,8 @@ class Ledger(Schema, Admin):
         productions: Sequence[Production] = (),
         blobs: Sequence[str] = (),
         inputs: Sequence[tuple[Output, int]] = (),
+        *,
+        enter: bool = False,
     ) -> list[str]:
         """Consume what ``claimant`` holds and write its outputs, all in one transaction.
 
@@ -97,6 +106,7 @@ class Ledger(Schema, Admin):
         needs any more (consumed, or replaced by this output), for the caller to delete.
         Raises :class:`ClaimConflictError` and changes nothing if any of ``ids`` is no
         longer held by this exact try (its lease was taken over, or a newer try fenced it).
+        ``enter``: the try has not entered yet; the transaction enters it first (see :meth:`claim`).
         """
 
         ids = list(dict.fromkeys(ids))  # the same input named twice is consumed once
@@ -104,7 +114,9 @@ class Ledger(Schema, Admin):
 
         def tx(conn: sa.Connection) -> list[str]:
             now = self._now()
-            if productions or not ids:  # a zombie must not replace the new try's output
+            if enter:
+                self._enter(conn, claimant)
+            elif productions or not ids:  # a zombie must not replace the new try's output
                 check_fence(conn, claimant, productions[0].output.ref() if productions else None)
             if ids:
                 stmt = q.mark_consumed(claimant=claimant, ids=ids, now=now, keep_payload=self.keep_consumed_payloads)
@@ -120,7 +132,7 @@ class Ledger(Schema, Admin):
             return self._unneeded(conn, stale)
 
         try:
-            if self._direct is not None and ids and not productions:
+            if self._direct is not None and ids and not productions and not enter:
                 stmt = q.consume_all_now(
                     claimant=claimant, ids=ids, now=self._now(), inputs=key, keep_payload=self.keep_consumed_payloads
                 )
@@ -227,19 +239,22 @@ class Ledger(Schema, Admin):
 
     # -- claim ------------------------------------------------------------------------------
 
-    def claim(self, claimant: Claimant, requests: Sequence[ClaimRequest]) -> ClaimResult:
+    def claim(self, claimant: Claimant, requests: Sequence[ClaimRequest], *, enter: bool = False) -> ClaimResult:
         """Claim every request in one transaction: all of them, or none.
 
         A ``one``-mode input already taken by another consumer is not an error: the result
         lists it in ``lost`` and nothing is claimed, so the caller can skip the task.
+        ``enter``: this try has not entered yet (:meth:`enter`); the claim's transaction
+        enters it first, saving a transaction of its own. A first try does so: it has no
+        earlier try whose finish :meth:`enter` would report.
         """
         for request in requests:
             authorize(claimant, request, request.written.consumers)
-        if self._direct is not None and len(requests) == 1:
+        if self._direct is not None and len(requests) == 1 and not enter:
             claimed = self._claim_now(claimant, requests[0])
             if claimed is not None:
                 return claimed
-        return self._claim_in_transaction(claimant, requests)
+        return self._claim_in_transaction(claimant, requests, enter=enter)
 
     def _claim_now(self, claimant: Claimant, request: ClaimRequest) -> ClaimResult | None:
         """PostgreSQL: claim ready rows in one statement; None if the transaction must decide.
@@ -276,8 +291,12 @@ class Ledger(Schema, Admin):
             claimed.extend(more)
         return ClaimResult([claimed])
 
-    def _claim_in_transaction(self, claimant: Claimant, requests: Sequence[ClaimRequest]) -> ClaimResult:
+    def _claim_in_transaction(
+        self, claimant: Claimant, requests: Sequence[ClaimRequest], *, enter: bool = False
+    ) -> ClaimResult:
         def tx(conn: sa.Connection) -> ClaimResult:
+            if enter:
+                self._enter(conn, claimant)
             now = self._now()
             result = ClaimResult(claims=[])
             for request in requests:

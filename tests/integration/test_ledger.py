@@ -30,10 +30,12 @@ from exclusive_xcom.ledger import (
     Claimant,
     ClaimRequest,
     ClaimResult,
+    Finished,
     Ledger,
     Output,
     Stored,
 )
+from exclusive_xcom.ledger import queries as q
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SCHEMA_VERSION
 from tests.conftest import FakeClock
 from tests.integration.conftest import DAG, EXTRACT, OTHER, RUN, inline, production, request, rows, slot, who
@@ -635,6 +637,53 @@ def test_once_a_newer_try_has_begun_the_older_can_neither_claim_nor_consume_nor_
     assert sorted(got.ids)[:3] == sorted(held)  # the new try took over what the zombie held
     ledger.finish(fresh, got.ids)
     assert ledger.counts() == {CONSUMED: 10}
+
+
+def _fence_row(ledger: Ledger, claimant: Claimant) -> Any:
+    with ledger.engine.connect() as conn:
+        return conn.execute(*q.lock_fence(ti_key=claimant.ti_key)).first()
+
+
+def test_a_first_try_enters_inside_its_first_claim_or_finish(ledger: Ledger) -> None:
+    """A first try has no earlier finish to learn of, so it needs no transaction of its own to
+    enter: its first claim (or, without inputs, its finish) records it on the fence row."""
+    produce(ledger, ITEMS, ["work"], [b"a", b"b", b"c"])
+    consumer, producer = who("work"), who("load")
+    transactions: list[str] = []
+
+    def begin(conn: sa.Connection) -> None:
+        transactions.append("begin")
+
+    sa.event.listen(ledger.engine, "begin", begin)
+    try:
+        got = ledger.claim(consumer, [request(ITEMS, ["work"], limit=2)], enter=True)
+        claimed_in = len(transactions)
+        ledger.finish(producer, [], [production(EACH, ["next"], [b"out"], output=Output(DAG, RUN, "load"))], enter=True)
+    finally:
+        sa.event.remove(ledger.engine, "begin", begin)
+    assert claimed_in == 1 and len(transactions) == 2, "entering took a transaction of its own"
+    assert payloads_of(got) == [b"a", b"b"]
+    assert (_fence_row(ledger, consumer).try_number, _fence_row(ledger, producer).try_number) == (1, 1)
+
+    ledger.finish(consumer, got.ids, inputs=[(Output(DAG, RUN, "work"), 1)])  # entered: the one statement
+    assert _fence_row(ledger, consumer).finished_try == 1, "the finish is recorded on the row its claim made"
+    assert ledger.enter(who("work", 2)) == Finished(1, _fence_row(ledger, consumer).finished_inputs)
+
+
+def test_a_zombie_first_try_that_never_entered_is_fenced_at_its_first_claim_or_finish(ledger: Ledger) -> None:
+    produce(ledger, ITEMS, ["work"], [b"a", b"b"])
+    zombie, fresh = who("work", 1), who("work", 2)
+    ledger.enter(fresh)  # try 2 began before try 1 ever touched the ledger
+
+    late = [production(EACH, ["load"], [b"late"], output=Output(DAG, RUN, "work"))]
+    for attempt in (
+        lambda: ledger.claim(zombie, [request(ITEMS, ["work"], limit=2)], enter=True),
+        lambda: ledger.finish(zombie, [], late, enter=True),
+    ):
+        with pytest.raises(ClaimConflictError, match=r"is fenced out: try 2 of the same task instance has begun"):
+            attempt()
+    assert ledger.counts() == {READY: 2}, "the zombie claimed or wrote something"
+    assert _fence_row(ledger, zombie).try_number == 2, "the zombie lowered the fence"
 
 
 def test_a_retry_takes_back_its_own_earlier_claims_before_fresh_items(ledger: Ledger) -> None:
