@@ -23,8 +23,8 @@ from typing import Any
 import sqlalchemy as sa
 
 #: What commits a finish: a transaction's COMMIT, or PostgreSQL's one-statement consume
-#: (``WITH held AS (…) UPDATE …``), which is sent in autocommit mode and commits by itself.
-COMMIT = re.compile(rb"(?i)\bcommit\b|WITH held AS")
+#: (``WITH done AS (UPDATE …) SELECT …``), which is sent in autocommit mode and commits by itself.
+COMMIT = re.compile(rb"(?i)\bcommit\b|WITH done AS")
 
 
 class LostAckProxy:

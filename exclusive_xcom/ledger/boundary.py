@@ -91,9 +91,10 @@ class Transactions:
                 raise self._no_connection(ref) from exc
         raise AssertionError("unreachable")
 
-    def _send(self, bound: q.Bound, ref: ItemRef | None = None) -> Sent:
+    def _send(self, bound: q.Bound, ref: ItemRef | None = None) -> Sent | None:
         """PostgreSQL: one statement that commits by itself, sent on the pinned connection;
-        run again after a deadlock (it then changed nothing), every driver error translated."""
+        run again after a deadlock (it then changed nothing), every driver error translated.
+        None: the statement aborted itself, changing nothing (:data:`queries.ABORTED`)."""
         assert self._direct is not None
         for attempt in range(1, ATTEMPTS + 1):
             sent = False  # whether the statement may have reached the server
@@ -102,6 +103,8 @@ class Transactions:
                 sent = True
                 return self._direct.send(bound)
             except sa.exc.DBAPIError as exc:
+                if _codes(exc.orig)[0] == q.ABORTED:
+                    return None
                 if not self._again(exc, attempt):
                     raise self._translate(exc, sent, ref) from exc
             except sa.exc.TimeoutError as exc:

@@ -136,9 +136,9 @@ class Ledger(Schema, Admin):
                 stmt = q.consume_all_now(
                     claimant=claimant, ids=ids, now=self._now(), inputs=key, keep_payload=self.keep_consumed_payloads
                 )
-                if self._send(stmt).rowcount == len(ids):
+                if self._send(stmt) is not None:
                     return self._unneeded_after(blobs)
-                # nothing changed: the transaction below finds out why
+                # not all held: nothing changed, and the transaction below finds out why
             return self._run(tx)
         except _NotHeld as lost:
             raise self._not_held(claimant, ids, lost.count) from None
@@ -280,7 +280,8 @@ class Ledger(Schema, Admin):
             now=now,
             lease=now + timedelta(seconds=self.lease_seconds),
         )
-        rows = self._send(stmt, out.ref(claimant.slot)).rows
+        sent = self._send(stmt, out.ref(claimant.slot))
+        rows = sent.rows if sent is not None else []
         if not rows:
             return None
         claimed = Claimed(request)
