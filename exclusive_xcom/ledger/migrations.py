@@ -312,6 +312,19 @@ def _v10(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {_ITEM} SET (fillfactor = 70)"))
 
 
+def _v11(conn: sa.Connection) -> None:
+    """PostgreSQL: the item table leaves 55% of each page free (fillfactor 45; version 10
+    set 70), room for a claimed version of each row a page holds, so that a batch's claims
+    are HOT updates (no index entries) rather than about a third of them, at the price of
+    more pages per ready row. It applies to pages written from now on: an upgraded ledger's
+    existing pages keep their fill until rewritten (VACUUM FULL, CLUSTER), its new items get
+    the room. ``SET (fillfactor)`` takes a SHARE UPDATE EXCLUSIVE lock, so claims, produces
+    and consumes go on meanwhile. Elsewhere there is no such setting: only the version moves.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text(f"ALTER TABLE {_ITEM} SET (fillfactor = 45)"))
+
+
 def _index_sql(conn: sa.Connection, name: str) -> str:
     """PostgreSQL and SQLite: an index's definition as the database keeps it ("" if none)."""
     if conn.dialect.name == "postgresql":
@@ -339,7 +352,7 @@ def _add_columns(conn: sa.Connection, table: str, columns: dict[str, str]) -> No
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {kind}"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 #: From this version on every claim and consume records who made it (task instance and host).
 RECORDING_VERSION = 8
 if len(MIGRATIONS) != SCHEMA_VERSION:  # schema.py's tables are of the version the last step makes

@@ -273,6 +273,32 @@ def test_a_version_8_ledger_learns_to_tell_released_items_apart(ledger_url: str)
     engine.dispose()
 
 
+def test_a_version_10_ledger_leaves_more_room_for_hot_claims(ledger_url: str) -> None:
+    """Version 11 lowers the item table's fillfactor on PostgreSQL (pages written from then on
+    keep room for claimed versions); elsewhere only the version moves. Rows and a claim in
+    flight survive, and the ledger drains as before."""
+    engine = create_engine(ledger_url)
+    _make_version(engine, 10)
+    _produce_as_v1(engine, 6)
+    holder = Claimant(DAG, RUN, "drain", map_index=0)
+    held = _claim_as_v1(engine, holder, 2)
+
+    ledger = Ledger(engine)
+    assert ledger.migrate() == SCHEMA_VERSION
+
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            options = conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = :t"), {"t": item.name})
+            assert options.scalar() == ["fillfactor=45"]
+    ledger.finish(holder, held)
+    other = Claimant(DAG, RUN, "drain", map_index=1)
+    rest = ledger.claim(other, [REQUEST]).ids
+    assert len(rest) == 4
+    ledger.finish(other, rest)
+    assert ledger.counts() == {"consumed": 6}
+    engine.dispose()
+
+
 def test_a_fresh_database_is_created_at_the_current_version(ledger_url: str) -> None:
     engine = create_engine(ledger_url)
     ledger = Ledger(engine)

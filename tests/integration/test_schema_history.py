@@ -63,6 +63,8 @@ def _history(dialect: str) -> dict[int, set[str]]:
         if on_mysql
         else {"~index ix_exclusive_xcom_item_claimable"}
         | ({f"~table {item.name}"} if dialect == "postgresql" else set()),
+        # The item table's fillfactor lowered from 70 to 45: room for most claims to be HOT.
+        11: {f"~table {item.name}"} if dialect == "postgresql" else set(),
     }
 
 
@@ -234,7 +236,7 @@ def test_a_ledger_upgraded_version_by_version_equals_a_fresh_one_and_todays_tabl
         claimable = stepwise[item.name]["indexes"]["ix_exclusive_xcom_item_claimable"][2]
         assert "WHERE" in claimable and "consumed_at IS NULL" in claimable and "state" not in claimable, claimable
     if dialect == "postgresql":
-        assert stepwise[item.name]["options"] == "fillfactor=70"
+        assert stepwise[item.name]["options"] == "fillfactor=45"
 
 
 def test_every_step_can_run_again_where_it_already_ran(ledger_url: str) -> None:
