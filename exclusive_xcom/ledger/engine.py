@@ -37,12 +37,56 @@ def create_engine(url: str) -> sa.Engine:
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
     options: dict[str, Any] = {"pool_size": 2, "max_overflow": 4}
-    if parsed.get_backend_name() in ("mysql", "mariadb"):
+    mysql = parsed.get_backend_name() in ("mysql", "mariadb")
+    if mysql:
         # REPEATABLE READ would add gap locks that make concurrent claims deadlock.
         options["isolation_level"] = "READ COMMITTED"
+        options["pool_reset_on_return"] = None  # _roll_back_unless_settled decides instead
     engine = sa.create_engine(url, connect_args={"connect_timeout": 10}, **options)
     _ping_when_idle(engine)
+    if mysql:
+        _roll_back_unless_settled(engine)
     return engine
+
+
+#: Connection record flag: the last thing done on this connection since its checkout was a
+#: COMMIT or ROLLBACK that succeeded, so it holds no transaction.
+_SETTLED = "exclusive_xcom_settled"
+
+
+def _roll_back_unless_settled(engine: sa.Engine) -> None:
+    """Send the pool's ROLLBACK on return only when a transaction may still be open.
+
+    The pool rolls back every connection it gets back, in case its user left a transaction
+    open. PostgreSQL's and SQLite's drivers skip that when no transaction is open; PyMySQL
+    sends it always, a round trip after each COMMIT of every claim and finish. Here it is
+    skipped only if the connection's last act since checkout was a successful COMMIT or
+    ROLLBACK through SQLAlchemy: any statement after it, any error (one raised by the COMMIT
+    itself included), or use of the bare driver connection leaves it unsettled, and the pool
+    rolls it back (a ROLLBACK that fails discards the connection). That includes a
+    Connection closed after its COMMIT failed, which the stock pool would not roll back.
+    """
+
+    def mark(conn: sa.Connection | None, settled: bool) -> None:
+        if conn is not None and not (conn.closed or conn.invalidated):  # else its pool record is gone
+            conn.info[_SETTLED] = settled
+
+    # "commit" and "rollback" come before the driver's call: an error in it unsettles again.
+    sa.event.listen(engine, "commit", lambda conn: mark(conn, True))
+    sa.event.listen(engine, "rollback", lambda conn: mark(conn, True))
+    sa.event.listen(engine, "before_cursor_execute", lambda conn, *_: mark(conn, False))
+    sa.event.listen(engine, "handle_error", lambda context: mark(context.connection, False))
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(_dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        record.info[_SETTLED] = False
+
+    @sa.event.listens_for(engine, "reset")
+    def _reset(dbapi_conn: Any, record: Any, _state: sa.PoolResetState) -> None:
+        # Not trusting the state's transaction_was_reset: SQLAlchemy sets it also for a
+        # Connection closed after its COMMIT failed, a transaction it never rolled back.
+        if not (record is not None and record.info.get(_SETTLED)):
+            dbapi_conn.rollback()
 
 
 def _ping_when_idle(engine: sa.Engine) -> None:
