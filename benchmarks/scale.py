@@ -35,6 +35,7 @@ from benchmarks.runner import percentile
 from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
 from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, Written
+from exclusive_xcom.ledger import queries as q
 
 READY = 3_000  # items left to claim in the pool
 EACH_OUTPUTS = 200  # one-row outputs (mode each) to claim
@@ -152,15 +153,24 @@ def explain_claim_paths(ledger: Ledger, size: int) -> dict[str, Any]:
     return {"rows": size, "statements": plans}
 
 
-def _explain(engine: sa.Engine, statement: str, parameters: Any) -> str:
-    """The plan of one statement as sent: executed (ANALYZE) and rolled back on PostgreSQL."""
+def _explain(engine: sa.Engine, statement: str, parameters: Any, analyze: bool = True) -> str:
+    """The plan of one statement as sent: executed (ANALYZE) and rolled back on PostgreSQL.
+
+    A consume run again finds its rows consumed already and aborts itself (``queries.ABORTED``):
+    its plan is then shown unexecuted."""
     postgres = backend(str(engine.url)) == "postgresql"
-    prefix = "EXPLAIN (ANALYZE, BUFFERS) " if postgres else "EXPLAIN "
+    prefix = "EXPLAIN (ANALYZE, BUFFERS) " if postgres and analyze else "EXPLAIN "
     with engine.connect() as conn, conn.begin() as tx:
         driver = conn.connection.driver_connection
         assert driver is not None, "a checked-out connection has its driver connection"
         cursor = driver.cursor()
-        cursor.execute(prefix + statement, parameters)
+        try:
+            cursor.execute(prefix + statement, parameters)
+        except Exception as exc:
+            if not analyze or getattr(exc, "sqlstate", None) != q.ABORTED:
+                raise
+            tx.rollback()
+            return _explain(engine, statement, parameters, analyze=False)
         rows = cursor.fetchall()
         names = [d[0] for d in cursor.description]
         cursor.close()
