@@ -91,22 +91,19 @@ class Transactions:
                 raise self._no_connection(ref) from exc
         raise AssertionError("unreachable")
 
-    def _send(self, bound: q.Bound, ref: ItemRef | None = None) -> Sent | None:
+    def _send(self, bound: q.Bound, ref: ItemRef | None = None) -> Sent:
         """PostgreSQL: one statement that commits by itself, sent on the pinned connection;
-        run again after a deadlock (it then changed nothing), every driver error translated.
-        None: the statement aborted itself, changing nothing (:data:`queries.ABORTED`)."""
+        run again after a deadlock (it then changed nothing), every driver error translated
+        but the statement's own abort (:data:`queries.ABORTED`), which changed nothing."""
         assert self._direct is not None
         for attempt in range(1, ATTEMPTS + 1):
-            sent = False  # whether the statement may have reached the server
             try:
-                self._direct.connect()
-                sent = True
                 return self._direct.send(bound)
             except sa.exc.DBAPIError as exc:
                 if _codes(exc.orig)[0] == q.ABORTED:
-                    return None
+                    return Sent([], aborted=True)
                 if not self._again(exc, attempt):
-                    raise self._translate(exc, sent, ref) from exc
+                    raise self._translate(exc, exc.statement is not None, ref) from exc
             except sa.exc.TimeoutError as exc:
                 raise self._no_connection(ref) from exc
         raise AssertionError("unreachable")

@@ -30,10 +30,11 @@ from exclusive_xcom.ledger.queries import Bound
 
 
 class Sent(NamedTuple):
-    """What a statement sent directly returned: its rows (by column name) and rowcount."""
+    """What a statement sent directly returned: its rows (by column name), or that it
+    aborted itself, changing nothing (:data:`~exclusive_xcom.ledger.queries.ABORTED`)."""
 
     rows: list[Any]
-    rowcount: int
+    aborted: bool = False
 
 
 class _Compiled(NamedTuple):
@@ -64,14 +65,10 @@ class Direct:
         self._compiled: dict[sa.Executable, _Compiled] = {}
         sa.event.listen(engine, "engine_disposed", lambda _engine: self.close())
 
-    def connect(self) -> None:
-        """Make sure a live connection is pinned; raises SQLAlchemy's errors if none can be
-        had (nothing was sent then)."""
-        with self._lock:
-            self._ready()
-
     def send(self, bound: Bound) -> Sent:
-        """Run one statement in autocommit on the pinned connection (made if need be)."""
+        """Run one statement in autocommit on the pinned connection (made if need be). Its
+        errors are SQLAlchemy's; one without a ``statement`` came before anything was sent
+        (no connection could be had)."""
         compiled = self._compile(bound.statement)
         params = {**compiled.defaults, **(bound.params or {})}  # type: ignore[dict-item]
         with self._lock:
@@ -79,7 +76,7 @@ class Direct:
             try:
                 with conn.cursor(row_factory=self._rows) as cursor:
                     cursor.execute(compiled.sql, params)
-                    return Sent(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+                    return Sent(cursor.fetchall() if cursor.description else [])
             except self._dbapi.Error as exc:
                 raise self._failed(exc, compiled.sql) from exc
             finally:

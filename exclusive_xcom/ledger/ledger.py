@@ -136,7 +136,7 @@ class Ledger(Schema, Admin):
                 stmt = q.consume_all_now(
                     claimant=claimant, ids=ids, now=self._now(), inputs=key, keep_payload=self.keep_consumed_payloads
                 )
-                if self._send(stmt) is not None:
+                if not self._send(stmt).aborted:
                     return self._unneeded_after(blobs)
                 # not all held: nothing changed, and the transaction below finds out why
             return self._run(tx)
@@ -150,8 +150,8 @@ class Ledger(Schema, Admin):
             return []  # a blob left behind is swept by purge
 
     def _unneeded_after(self, blobs: Sequence[str]) -> list[str]:
-        """After a consume that committed by itself: which of its blobs to delete. None, if
-        the ledger cannot say right now: the consume stands, and purge sweeps them later."""
+        """After a consume that committed by itself: which of its blobs to delete. None of them
+        if the ledger cannot say right now: the consume stands, and purge sweeps them later."""
         if not blobs:
             return []
         try:
@@ -280,8 +280,7 @@ class Ledger(Schema, Admin):
             now=now,
             lease=now + timedelta(seconds=self.lease_seconds),
         )
-        sent = self._send(stmt, out.ref(claimant.slot))
-        rows = sent.rows if sent is not None else []
+        rows = self._send(stmt, out.ref(claimant.slot)).rows
         if not rows:
             return None
         claimed = Claimed(request)

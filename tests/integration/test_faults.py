@@ -619,7 +619,7 @@ def _after_direct_statements(ledger: Ledger, fault: Callable[[], None]) -> Itera
     """Call ``fault`` after each statement PostgreSQL's ledger sends on its pinned connection
     (its one-statement claim and consume, :mod:`exclusive_xcom.ledger.direct`) has run: such
     a statement has committed by then. Its driver error reaches the ledger as the pinned
-    connection raises it, wrapped in SQLAlchemy's error."""
+    connection raises it: wrapped in SQLAlchemy's error, naming the statement it sent."""
     direct = ledger._direct
     if direct is None:
         yield
@@ -631,7 +631,7 @@ def _after_direct_statements(ledger: Ledger, fault: Callable[[], None]) -> Itera
         try:
             fault()
         except dbapi.Error as exc:
-            raise sa.exc.DBAPIError.instance(None, None, exc, dbapi.Error) from exc
+            raise sa.exc.DBAPIError.instance(str(bound.statement), None, exc, dbapi.Error) from exc
         return result
 
     direct.send = sent_then_fault  # type: ignore[method-assign]
