@@ -4,7 +4,6 @@ its own, beside the tier's)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,17 +12,15 @@ from pathlib import Path
 import _celery_cluster as cc
 import pytest
 
+from tests.conftest import require
+
 pytestmark = [pytest.mark.xdist_group("celery_demo"), pytest.mark.timeout(300)]
 
 DEMO = Path(__file__).resolve().parents[2] / "example_dags" / "demo.py"
 
 
 def test_the_celery_demo_runs_both_examples_on_both_hosts_and_cleans_up() -> None:
-    problem = cc.problem()
-    if problem is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so this must not skip: {problem}")
-        pytest.skip(problem)
+    require(cc.problem())
     done = subprocess.run(
         [sys.executable, str(DEMO), "--executor", "celery"], capture_output=True, text=True, timeout=280, check=False
     )

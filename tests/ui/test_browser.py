@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.conftest import require
 from tests.ui.server import OPEN_DAG, SECRET_DAG, SECRETS, USERS, UIServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("ui_browser"), pytest.mark.timeout(600)]
@@ -47,10 +48,7 @@ TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        require(f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
