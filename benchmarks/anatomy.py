@@ -41,7 +41,6 @@ from benchmarks.db import (
     GENERATION,
     RUN,
     as_task,
-    captured,
     fill_items,
     fresh_database,
     migrated_ledger,
@@ -50,6 +49,7 @@ from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
 from exclusive_xcom.ledger import ITEMS, Claimant, ClaimRequest, Ledger, Output, Written, create_engine
 from exclusive_xcom.ledger import queries as q
+from tests.support import SentStatement, statements_sent
 
 POOL = 60_000
 BATCHES = (1, 100)
@@ -105,7 +105,6 @@ def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
     seen: Counter[str] = Counter()
     engine = ledger.engine
     listeners = {
-        "before_cursor_execute": lambda *a, **k: seen.update(["statements"]),
         # An autocommit connection begins no transaction on the server (no BEGIN is sent).
         "begin": lambda conn: seen.update(
             ["transactions" if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT" else "autocommit"]
@@ -115,31 +114,27 @@ def _count_statements(ledger: Ledger) -> dict[str, dict[str, Any]]:
     for name, fn in listeners.items():
         sa.event.listen(engine, name, fn)
     sa.event.listen(engine.pool, "checkout", pool_listener)
-    direct = ledger._direct
-    if direct is not None:  # PostgreSQL: the one-statement claim and consume go past SQLAlchemy
-        send = direct.send
-
-        def counted(bound: Any) -> Any:
-            seen.update(["statements", "direct"])
-            return send(bound)
-
-        direct.send = counted  # type: ignore[method-assign]
     claimant, request = _claimant(), _request()
     out: dict[str, dict[str, Any]] = {}
+
+    def counted(sent: list[SentStatement]) -> dict[str, Any]:
+        direct = sum(1 for s in sent if s.via == "direct")
+        return {**seen, "statements": len(sent), **({"direct": direct} if direct else {})}
+
     try:
         ledger.claim(claimant, [request])  # warm: the pool has its connection
         seen.clear()
-        (claimed,) = ledger.claim(claimant, [request]).claims
-        out["claim"] = dict(seen)
+        with statements_sent(ledger) as sent:
+            (claimed,) = ledger.claim(claimant, [request]).claims
+        out["claim"] = counted(sent)
         seen.clear()
-        ledger.finish(claimant, claimed.ids)
-        out["finish"] = dict(seen)
+        with statements_sent(ledger) as sent:
+            ledger.finish(claimant, claimed.ids)
+        out["finish"] = counted(sent)
     finally:
         for name, fn in listeners.items():
             sa.event.remove(engine, name, fn)
         sa.event.remove(engine.pool, "checkout", pool_listener)
-        if direct is not None:
-            del direct.send
     pre_ping = bool(getattr(engine.pool, "_pre_ping", False))
     for counts in out.values():
         counts["pings"] = counts.get("checkouts", 0) if pre_ping else 0
@@ -217,10 +212,10 @@ def server_side(ledger: Ledger, url: str, rounds: int, limit: int = 100) -> dict
     from benchmarks.workloads import LEDGER_SHAPE_CLAIM, LEDGER_SHAPE_CONSUME, TWO_TX_CLAIM, TWO_TX_CONSUME
 
     claimant = _claimant()
-    with captured(ledger) as sent:
+    with statements_sent(ledger) as sent:
         (claimed,) = ledger.claim(claimant, [_request(limit)]).claims
         ledger.finish(claimant, claimed.ids)
-    (lib_claim, lib_params), (lib_consume, lib_consume_params) = sent
+    (_, lib_claim, lib_params), (_, lib_consume, lib_consume_params) = sent
     fresh = Output(DAG, RUN, "library_fresh")  # the library too claims from a pool nobody has drained yet
     fill_items(ledger.engine, fresh, (rounds + 2) * limit, consumers=CONSUMERS)
     lib_params = {**lib_params, "p_output": fresh.output_id}

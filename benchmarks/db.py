@@ -222,28 +222,3 @@ def row_writes(conn: Any, table: str) -> tuple[int, int]:
         seen = now
         time.sleep(0.05)
     return seen or (0, 0)
-
-
-@contextmanager
-def captured(ledger: Ledger) -> Iterator[list[tuple[str, Any]]]:
-    """Every statement the ledger sends meanwhile, with its parameters, as the driver gets it:
-    through SQLAlchemy, and on PostgreSQL's pinned connection (compiled the same way)."""
-    sent: list[tuple[str, Any]] = []
-    capture = lambda _c, _cur, statement, params, _ctx, _many: sent.append((statement, params))  # noqa: E731
-    direct = ledger._direct
-    if direct is not None:
-        send = direct.send
-
-        def captured(bound: Any) -> Any:
-            compiled = bound.statement.compile(dialect=ledger.engine.dialect)
-            sent.append((compiled.string, {**compiled.params, **bound.params}))
-            return send(bound)
-
-        direct.send = captured  # type: ignore[method-assign]
-    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
-    try:
-        yield sent
-    finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
-        if direct is not None:
-            del direct.send

@@ -26,7 +26,6 @@ from benchmarks.db import (
     analyze,
     as_task,
     backend,
-    captured,
     fill_items,
     fresh_database,
     migrated_ledger,
@@ -36,6 +35,7 @@ from benchmarks.settings import Settings
 from benchmarks.workloads import CONSUMER, CONSUMERS
 from exclusive_xcom.ledger import EACH, ITEMS, Claimant, ClaimRequest, Ledger, Output, Production, Written
 from exclusive_xcom.ledger import queries as q
+from tests.support import statements_sent
 
 READY = 3_000  # items left to claim in the pool
 EACH_OUTPUTS = 200  # one-row outputs (mode each) to claim
@@ -131,7 +131,7 @@ def explain_claim_paths(ledger: Ledger, size: int) -> dict[str, Any]:
     """Capture what each claim path sends, then EXPLAIN every statement as sent."""
     claimant = _claimant()
     labels: list[tuple[int, str]] = []  # (statements sent before it, what the ledger was asked)
-    with captured(ledger) as sent:
+    with statements_sent(ledger) as sent:
         labels.append((len(sent), "claim items"))
         (claimed,) = ledger.claim(
             claimant, [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=1)]
@@ -146,7 +146,7 @@ def explain_claim_paths(ledger: Ledger, size: int) -> dict[str, Any]:
         ledger.claim(_claimant(2), [ClaimRequest(Written(_pool(), GENERATION, ITEMS, CONSUMERS), limit=2)])
     what = [next(label for start, label in reversed(labels) if start <= i) for i in range(len(sent))]
     plans = []
-    for path, (statement, parameters) in zip(what, sent, strict=True):
+    for path, (_, statement, parameters) in zip(what, sent, strict=True):
         plan = _explain(ledger.engine, statement, parameters)
         wide = _wide_reads(ledger.engine, plan)
         plans.append({"path": path, "statement": statement, "plan": plan, "wide_reads": wide})

@@ -21,8 +21,12 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    from exclusive_xcom.ledger import Ledger
 
 SERVERS = {
     "postgres": os.environ.get("EXCLUSIVE_XCOM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
@@ -238,3 +242,40 @@ class PrivatePostgres:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{tool} failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-2000:]}")
+
+
+class SentStatement(NamedTuple):
+    """One statement a ledger sent: ``via`` "direct" (PostgreSQL's pinned connection,
+    :mod:`exclusive_xcom.ledger.direct`) or "sqlalchemy", as the driver got it."""
+
+    via: str
+    sql: str
+    params: Any
+
+
+@contextmanager
+def statements_sent(ledger: Ledger) -> Iterator[list[SentStatement]]:
+    """Every statement ``ledger`` sends meanwhile, with its parameters: through SQLAlchemy,
+    and on the pinned connection (compiled as it compiles them), in the order sent."""
+    sent: list[SentStatement] = []
+
+    def through_sqlalchemy(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        sent.append(SentStatement("sqlalchemy", statement, params))
+
+    direct = ledger._direct
+    if direct is not None:
+        send = direct.send
+
+        def recorded(bound: Any) -> Any:
+            compiled = bound.statement.compile(dialect=ledger.engine.dialect)
+            sent.append(SentStatement("direct", compiled.string, {**compiled.params, **bound.params}))
+            return send(bound)
+
+        direct.send = recorded  # type: ignore[method-assign]
+    sa.event.listen(ledger.engine, "before_cursor_execute", through_sqlalchemy)
+    try:
+        yield sent
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", through_sqlalchemy)
+        if direct is not None:
+            del direct.send

@@ -39,6 +39,7 @@ from exclusive_xcom.ledger import queries as q
 from exclusive_xcom.ledger.schema import CLAIMED, CONSUMED, READY, SCHEMA_VERSION
 from tests.conftest import FakeClock
 from tests.integration.conftest import DAG, EXTRACT, OTHER, RUN, inline, production, request, rows, slot, who
+from tests.support import statements_sent
 
 LEASE = 60.0
 TRANSFORM = Output(DAG, RUN, "transform")
@@ -716,41 +717,27 @@ def test_on_postgres_a_claim_and_a_finish_are_one_direct_autocommit_statement_ea
     elsewhere, and whenever the single statement cannot decide, a transaction."""
     produce(ledger, ITEMS, ["load"], [b"a", b"b", b"c"])
     produce(ledger, EACH, ["load"], [b"e"], output=OTHER)
-    sent: list[str] = []
-
-    def statement(conn: sa.Connection, *_: Any) -> None:
-        sent.append("statement")
+    transactions: list[str] = []
 
     def begin(conn: sa.Connection) -> None:
         if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            sent.append("transaction")
+            transactions.append("transaction")
 
-    sa.event.listen(ledger.engine, "before_cursor_execute", statement)
     sa.event.listen(ledger.engine, "begin", begin)
-    direct = ledger._direct
-    if direct is not None:  # PostgreSQL sends them on its pinned connection, past SQLAlchemy
-        send = direct.send
-
-        def counted(bound: Any) -> Any:
-            sent.append("direct statement")
-            return send(bound)
-
-        direct.send = counted  # type: ignore[method-assign]
     try:
-        items = claim(ledger, who("load"), request(ITEMS, ["load"], limit=2))
-        each = claim(ledger, who("load"), request(EACH, ["load"], output=OTHER))
-        ledger.finish(who("load"), items.ids + each.ids)
+        with statements_sent(ledger) as sent:  # PostgreSQL sends on its pinned connection ("direct")
+            items = claim(ledger, who("load"), request(ITEMS, ["load"], limit=2))
+            each = claim(ledger, who("load"), request(EACH, ["load"], output=OTHER))
+            ledger.finish(who("load"), items.ids + each.ids)
     finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", statement)
         sa.event.remove(ledger.engine, "begin", begin)
-        if direct is not None:
-            del direct.send
     assert payloads_of(items) == [b"a", b"b"] and payloads_of(each) == [b"e"]
     assert ledger.counts() == {CONSUMED: 3, READY: 1}
+    via = [s.via for s in sent]
     if ledger.engine.dialect.name == "postgresql":
-        assert sent == ["direct statement"] * 3
+        assert via == ["direct"] * 3 and transactions == []
     else:
-        assert sent.count("transaction") == 3 and "direct statement" not in sent
+        assert len(transactions) == 3 and "direct" not in via
 
 
 def test_a_finish_that_lost_some_of_its_claims_consumes_none(ledger: Ledger) -> None:

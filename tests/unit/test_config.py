@@ -101,9 +101,7 @@ def test_provider_info_is_valid_for_airflow() -> None:
         ("ALLOW_PLAINTEXT", "sometimes", r"allow_plaintext must be true or false, got 'sometimes'"),
     ],
 )
-def test_bad_options_are_refused_by_name(
-    monkeypatch: pytest.MonkeyPatch, option: str, raw: str, message: str
-) -> None:
+def test_bad_options_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, option: str, raw: str, message: str) -> None:
     monkeypatch.setenv(f"AIRFLOW__EXCLUSIVE_XCOM__{option}", raw)
     with pytest.raises(ConfigurationError, match=message):
         load_settings()
